@@ -1,0 +1,468 @@
+"""muon.py against SVD, torch.optim.Muon, torch.optim.AdamW and float64 re-derivations."""
+
+import copy
+import io
+import math
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import muon
+
+# Where singular values in (0, 1] (after the Frobenius normalisation, >= 3e-3) land after 5
+# steps: from iterating each schedule's scalar polynomial in float64 over a fine grid.
+NS_BAND = {"classic": (0.68, 1.21), "polar_express": (0.85, 1.15)}
+
+
+def matrix_with_singular_values(shape, low=0.05, seed=0):
+    """A random (..., A, B) matrix with known singular vectors and values spread over [low, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    *batch, A, B = shape
+    k = min(A, B)
+    U, _ = torch.linalg.qr(torch.randn(*batch, A, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(*batch, B, k, generator=g, dtype=torch.float64))
+    s = low + (1 - low) * torch.rand(*batch, k, generator=g, dtype=torch.float64)
+    return U @ torch.diag_embed(s) @ V.mT, U, s, V
+
+
+def scalar_ns(x, coefficients, steps=5):
+    """The NS polynomial applied to numbers: what it does to each normalised singular value."""
+    x = x / muon.NS_NORM_HEADROOM[coefficients]
+    for a, b, c in muon.ns_schedule(coefficients, steps):
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+SHAPES = [(32, 32), (16, 48), (48, 16), (3, 24, 40), (3, 40, 24)]
+
+
+@pytest.mark.parametrize("coefficients", ["classic", "polar_express"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ns_float32_is_svd_with_polynomial_singular_values(shape, coefficients):
+    G, U, s, V = matrix_with_singular_values(shape)
+    out = muon.newton_schulz(G.float(), coefficients, dtype=torch.float32).double()
+    normalised = s / torch.linalg.matrix_norm(G)[..., None]
+    expected = U @ torch.diag_embed(scalar_ns(normalised, coefficients)) @ V.mT
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("coefficients", ["classic", "polar_express"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ns_bf16_matches_polar_factor_in_direction(shape, coefficients):
+    G, U, _, V = matrix_with_singular_values(shape)
+    out = muon.newton_schulz(G.float(), coefficients).double()
+    assert out.shape == G.shape
+    # In the SVD's own bases the output must be diagonal (same singular vectors as U V^T),
+    # up to bf16 rounding (its relative precision is 2^-8 = 0.004 per element)...
+    core = U.mT @ out @ V
+    diagonal = torch.diagonal(core, dim1=-2, dim2=-1)
+    off_diagonal = core - torch.diag_embed(diagonal)
+    assert off_diagonal.norm() / diagonal.norm() < 0.03
+    # ...with every singular value in the schedule's band.
+    low, high = NS_BAND[coefficients]
+    assert diagonal.min() > low - 0.03 and diagonal.max() < high + 0.03
+
+
+def test_ns_lifts_tiny_singular_values_and_keeps_zero_at_zero():
+    G, _, _, _ = matrix_with_singular_values((64, 64), low=0.02)
+    sv = torch.linalg.svdvals(muon.newton_schulz(G.float(), dtype=torch.float32))
+    assert sv.min() > NS_BAND["classic"][0] - 1e-3
+    assert muon.newton_schulz(torch.zeros(8, 4)).abs().max() == 0
+
+
+def test_ns_schedule_names_and_lengths_are_checked():
+    with pytest.raises(ValueError, match="ns_coefficients='cubic'"):
+        muon.ns_schedule("cubic", 5)
+    with pytest.raises(ValueError, match="ns_steps=6"):
+        muon.ns_schedule("polar_express", 6)
+    assert len(set(muon.ns_schedule("polar_express", 5))) == 5
+    assert muon.ns_schedule("classic", 7) == [(3.4445, -4.7750, 2.0315)] * 7
+
+
+# ----------------------------------------------------------------------------------------------
+# One Muon step
+
+
+def matrices_and_grads(seed=0, shapes=((24, 24), (24, 24), (40, 24), (24, 40), (16, 56)), steps=3):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(steps)]
+    return params, grads
+
+
+def run_optimizer(make_opt, params, grads_per_step):
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = make_opt(params)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def assert_updates_close(start, ours, reference, rtol):
+    """The total update of each matrix agrees to rtol in relative Frobenius norm."""
+    for p0, a, b in zip(start, ours, reference):
+        delta_ours, delta_ref = (a - p0).double(), (b - p0).double()
+        error = (delta_ours - delta_ref).norm() / delta_ref.norm()
+        assert error < rtol, f"relative difference {error:.2e} for shape {tuple(p0.shape)}"
+
+
+@pytest.mark.parametrize("lr_rule", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_step_equals_torch_optim_muon(lr_rule, nesterov):
+    params, grads = matrices_and_grads()
+    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov)
+    ours = run_optimizer(lambda ps: muon.Muon(ps, lr_rule=lr_rule, **settings), params, grads)
+    reference = run_optimizer(lambda ps: torch.optim.Muon(ps, adjust_lr_fn=lr_rule, **settings), params, grads)
+    # torch keeps an EMA momentum, (1 - mu) times ours: NS removes the scale, bf16 rounding stays.
+    assert_updates_close(params, ours, reference, rtol=2e-2)
+
+
+def reference_muon_float64(params, grads_per_step, lr, wd, mu, nesterov, lr_rule, coefficients):
+    """The update formula of DESIGN.md, written out in float64 one matrix at a time."""
+    params = [p.double().clone() for p in params]
+    momenta = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for p, M, G in zip(params, momenta, grads):
+            G = G.double()
+            M.mul_(mu).add_(G)
+            U = G + mu * M if nesterov else M.clone()
+            X = U.T if U.size(0) > U.size(1) else U
+            X = X / (X.norm() * muon.NS_NORM_HEADROOM[coefficients] + 1e-7)
+            for a, b, c in muon.ns_schedule(coefficients, 5):
+                S = X @ X.T
+                X = a * X + (b * S + c * S @ S) @ X
+            O = X.T if U.size(0) > U.size(1) else X
+            A, B = p.shape
+            scale = math.sqrt(max(1, A / B)) if lr_rule == "original" else 0.2 * math.sqrt(max(A, B))
+            p.mul_(1 - lr * wd).add_(O, alpha=-lr * scale)
+    return params
+
+
+# bf16 keeps 8 bits of mantissa; Polar Express's large coefficients amplify that rounding to ~2%.
+@pytest.mark.parametrize("ns_dtype, rtol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("lr_rule", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("coefficients", ["classic", "polar_express"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_step_equals_float64_formula(lr_rule, coefficients, nesterov, ns_dtype, rtol):
+    params, grads = matrices_and_grads(seed=1)
+    settings = dict(lr=0.02, wd=0.1, mu=0.95, nesterov=nesterov, lr_rule=lr_rule, coefficients=coefficients)
+    ours = run_optimizer(
+        lambda ps: muon.Muon(ps, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov,
+                             lr_rule=lr_rule, ns_coefficients=coefficients, ns_dtype=ns_dtype),
+        params, grads,
+    )
+    reference = reference_muon_float64(params, grads, **settings)
+    assert_updates_close(params, ours, reference, rtol=rtol)
+
+
+def test_compiled_newton_schulz_gives_the_eager_step():
+    params, grads = matrices_and_grads(seed=2, steps=1)
+    settings = dict(lr=0.02, ns_coefficients="polar_express", ns_dtype=torch.float32)
+    eager = run_optimizer(lambda ps: muon.Muon(ps, **settings), params, grads)
+    compiled = run_optimizer(lambda ps: muon.Muon(ps, compile_ns=True, **settings), params, grads)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_weight_decay_uses_unscaled_lr():
+    # A zero gradient orthogonalises to zero, leaving the decay alone: W * (1 - lr * wd) exactly,
+    # although match_rms_adamw scales this 64x32 matrix's step by 0.2 * sqrt(64) = 1.6.
+    W = torch.nn.Parameter(torch.randn(64, 32))
+    before = W.detach().clone()
+    opt = muon.Muon([W], lr=0.01, weight_decay=0.5, lr_rule="match_rms_adamw")
+    W.grad = torch.zeros_like(W)
+    opt.step()
+    assert torch.equal(W.detach(), before * (1 - 0.01 * 0.5))
+
+
+def test_match_rms_adamw_gives_update_rms_near_0_2_lr():
+    W = torch.nn.Parameter(torch.zeros(96, 256))
+    opt = muon.Muon([W], lr=1.0, weight_decay=0.0, ns_coefficients="polar_express")
+    W.grad = torch.randn(96, 256)
+    opt.step()
+    rms = W.detach().pow(2).mean().sqrt().item()
+    assert 0.17 < rms < 0.21  # 0.2 * RMS of an orthogonal-ish matrix whose singular values are ~1
+
+
+def test_parameter_without_grad_is_left_alone():
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(3)]
+    opt = muon.Muon(params, lr=0.1)
+    params[0].grad = torch.randn(8, 8)
+    untouched = [p.detach().clone() for p in params[1:]]
+    opt.step()
+    assert all(torch.equal(p.detach(), u) for p, u in zip(params[1:], untouched))
+    assert len(opt.state) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The hybrid optimizer
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = torch.nn.Embedding(50, 16)
+        self.hidden = torch.nn.Linear(16, 32, bias=True)
+        self.norm = torch.nn.LayerNorm(32)
+        self.proj = torch.nn.Linear(32, 16, bias=False)
+        self.gain = torch.nn.Parameter(torch.ones(()))
+        self.lm_head = torch.nn.Linear(16, 50, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        x = x + self.gain * self.proj(torch.relu(self.norm(self.hidden(x))))
+        return self.lm_head(x)
+
+
+def tiny_loss(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 50, (4, 8), generator=g)
+    return torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
+
+
+def test_hybrid_groups_put_every_parameter_in_exactly_one_group():
+    model = TinyLM()
+    muon_group, adamw_group = muon.hybrid_param_groups(model)
+    muon_names = [n for n, _ in muon_group["params"]]
+    adamw_names = [n for n, _ in adamw_group["params"]]
+    assert muon_names == ["hidden.weight", "proj.weight"]
+    assert sorted(adamw_names) == sorted(
+        ["wte.weight", "hidden.bias", "norm.weight", "norm.bias", "gain", "lm_head.weight"]
+    )
+    assert sorted(muon_names + adamw_names) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_non_matrix_given_to_muon_names_the_parameter_and_shape():
+    model = TinyLM()
+    with pytest.raises(ValueError, match=r"gain of shape \(\)"):
+        muon.Muon(list(model.named_parameters()))
+    with pytest.raises(ValueError, match=r"#0 of shape \(32,\)"):
+        muon.Muon([model.norm.weight])
+
+
+def test_adamw_group_equals_torch_adamw():
+    torch.manual_seed(0)
+    ours_model, torch_model = TinyLM(), TinyLM()
+    torch_model.load_state_dict(ours_model.state_dict())
+    settings = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    ours = muon.Muon([dict(params=list(ours_model.parameters()), use_muon=False)], **settings)
+    reference = torch.optim.AdamW(torch_model.parameters(), **settings)
+    for step in range(3):
+        for model, opt in ((ours_model, ours), (torch_model, reference)):
+            opt.zero_grad()
+            tiny_loss(model, step).backward()
+            opt.step()
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def make_hybrid(model, **kwargs):
+    return muon.Muon(muon.hybrid_param_groups(model), lr=0.02, weight_decay=0.1, **kwargs)
+
+
+def train_steps(model, opt, seeds):
+    for seed in seeds:
+        opt.zero_grad()
+        tiny_loss(model, seed).backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_restores_the_exact_next_step():
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = make_hybrid(model, ns_coefficients="polar_express")
+    train_steps(model, opt, seeds=[0, 1])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+
+    train_steps(model, opt, seeds=[2])
+    expected = copy.deepcopy(model.state_dict())
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = TinyLM()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = make_hybrid(resumed, ns_coefficients="polar_express")
+    resumed_opt.load_state_dict(saved["opt"])
+    train_steps(resumed, resumed_opt, seeds=[2])
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert resumed_opt.param_groups[0]["ns_coefficients"] == "polar_express"
+
+
+def test_bad_settings_are_named():
+    W = [torch.nn.Parameter(torch.randn(4, 4))]
+    with pytest.raises(ValueError, match="lr_rule='rms'"):
+        muon.Muon(W, lr_rule="rms")
+    with pytest.raises(ValueError, match="momentum=1.0"):
+        muon.Muon(W, momentum=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: each rank orthogonalises a share, then all-gather
+
+
+DIST_SHAPES = ((24, 24), (24, 24), (24, 24), (40, 24), (24, 40), (16, 56))
+
+
+def distributed_grads(rank, step):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    grads = [torch.randn(s, generator=g) for s in DIST_SHAPES]
+    if step == 1:
+        grads[2] = None  # no gradient this step, on every rank, as DDP leaves an unused parameter
+    return grads
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+
+
+def distributed_worker(rank, world, rendezvous_file, out_path):
+    # A file rendezvous: no TCP port to race other test runs for.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world)
+    params = [torch.nn.Parameter(p) for p in matrices_and_grads(seed=5, shapes=DIST_SHAPES)[0]]
+    opt = muon.Muon(params, lr=0.05, weight_decay=0.1)
+    assert opt.distributed
+    for step in range(3):
+        grads = distributed_grads(rank, step)
+        for g in grads:
+            if g is not None:  # DDP's averaging
+                dist.all_reduce(g)
+                g /= world
+        set_grads(params, grads)
+        opt.step()
+    if rank == 0:
+        torch.save([p.detach() for p in params], out_path)
+    dist.barrier()  # gloo can abort a rank that tears down while its peer is still connected
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_equals_single_process_on_averaged_grads(tmp_path):
+    world = 2
+    out_path = tmp_path / "rank0.pt"
+    mp.spawn(distributed_worker, args=(world, str(tmp_path / "rendezvous"), str(out_path)), nprocs=world)
+    distributed = torch.load(out_path)
+
+    params = [torch.nn.Parameter(p) for p in matrices_and_grads(seed=5, shapes=DIST_SHAPES)[0]]
+    opt = muon.Muon(params, lr=0.05, weight_decay=0.1, distributed=False)
+    for step in range(3):
+        per_rank = [distributed_grads(r, step) for r in range(world)]
+        averaged = [None if gs[0] is None else sum(gs) / world for gs in zip(*per_rank)]
+        set_grads(params, averaged)
+        opt.step()
+    for a, b in zip(distributed, params):
+        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# MuonClip on an attention layer built here from its formulas (float64)
+
+
+def rope(x, theta=10000.0):
+    """Rotate pairs of the last dim by position-dependent angles; x: (..., T, D)."""
+    T, D = x.shape[-2:]
+    freqs = 1.0 / theta ** (torch.arange(0, D, 2, dtype=x.dtype) / D)
+    angles = torch.arange(T, dtype=x.dtype)[:, None] * freqs
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def rms_norm(x):
+    return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
+class MLAWeights:
+    def __init__(self, d=32, H=4, nope=8, rope_dim=4, v=6, kv_lora=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.H, self.nope, self.rope_dim, self.v, self.kv_lora = H, nope, rope_dim, v, kv_lora
+        self.wq = torch.randn(H * (nope + rope_dim), d, generator=g, dtype=torch.float64)
+        self.wkv_a = torch.randn(kv_lora + rope_dim, d, generator=g, dtype=torch.float64)
+        self.wkv_b = torch.randn(H * (nope + v), kv_lora, generator=g, dtype=torch.float64)
+
+    def heads(self):
+        return muon.AttentionHeads(self.wq, self.wkv_b, self.H, self.nope, self.rope_dim, self.v)
+
+    def logits(self, x):
+        """(B, H, T, T) scaled pre-softmax logits with the causal mask applied (-inf above)."""
+        B, T, _ = x.shape
+        q = (x @ self.wq.T).view(B, T, self.H, self.nope + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
+        ckv, k_rope = (x @ self.wkv_a.T).split([self.kv_lora, self.rope_dim], dim=-1)
+        kv = (rms_norm(ckv) @ self.wkv_b.T).view(B, T, self.H, self.nope + self.v).transpose(1, 2)
+        k_nope = kv[..., :self.nope]
+        k_rope = rope(k_rope)[:, None]  # one rope key shared by every head
+        scores = q_nope @ k_nope.mT + rope(q_rope) @ k_rope.mT
+        scores = scores / math.sqrt(self.nope + self.rope_dim)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        return scores.masked_fill(~causal, float("-inf"))
+
+
+def max_logits(scores):
+    return scores.amax(dim=(0, 2, 3))
+
+
+def test_qk_clip_mla_brings_clipped_heads_to_tau_and_leaves_the_rest():
+    layer = MLAWeights()
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = layer.logits(x)
+    head_max = max_logits(before)
+    tau = head_max.median().item()  # some heads above, some at or below
+    over = head_max > tau
+    assert 0 < over.sum() < layer.H
+    wkv_a, wkv_b = layer.wkv_a.clone(), layer.wkv_b.clone()
+
+    n_clipped = muon.qk_clip_([layer.heads()], head_max[None], tau)
+
+    after = layer.logits(x)
+    assert n_clipped.item() == over.sum().item()
+    torch.testing.assert_close(max_logits(after)[over], torch.full((int(over.sum()),), tau, dtype=torch.float64),
+                               rtol=1e-4, atol=0)
+    gamma = tau / head_max[over]
+    finite = torch.isfinite(before)
+    torch.testing.assert_close(after[:, over][finite[:, over]], (before[:, over] * gamma[:, None, None])[finite[:, over]])
+    assert torch.equal(after[:, ~over], before[:, ~over])
+    assert torch.equal(layer.wkv_a, wkv_a)  # the shared rope key is never scaled
+    v_rows = wkv_b.view(layer.H, layer.nope + layer.v, -1)[:, layer.nope:]
+    assert torch.equal(layer.wkv_b.view(layer.H, layer.nope + layer.v, -1)[:, layer.nope:], v_rows)
+
+
+def test_qk_clip_mha_scales_q_and_k_rows_by_sqrt_gamma():
+    g = torch.Generator().manual_seed(2)
+    H, hd, d = 3, 8, 24
+    wq, wk = (torch.randn(H * hd, d, generator=g, dtype=torch.float64) for _ in range(2))
+    x = torch.randn(2, 7, d, generator=g, dtype=torch.float64)
+
+    def logits():
+        q = (x @ wq.T).view(2, 7, H, hd).transpose(1, 2)
+        k = (x @ wk.T).view(2, 7, H, hd).transpose(1, 2)
+        scores = rope(q) @ rope(k).mT / math.sqrt(hd)
+        return scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+
+    head_max = max_logits(logits())
+    tau = head_max.min().item() * 0.5  # every head clipped
+    muon.qk_clip_([muon.AttentionHeads(wq, wk, H, hd)], head_max[None], tau)
+    torch.testing.assert_close(max_logits(logits()), torch.full((H,), tau, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_qk_clip_leaves_everything_bit_identical_below_tau():
+    layer = MLAWeights(seed=3)
+    wq, wkv_b = layer.wq.clone(), layer.wkv_b.clone()
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    head_max = max_logits(layer.logits(x))
+    assert muon.qk_clip_([layer.heads()], head_max[None], head_max.max().item()).item() == 0
+    assert torch.equal(layer.wq, wq) and torch.equal(layer.wkv_b, wkv_b)
+
+
+def test_qk_clip_rejects_mismatched_layouts():
+    with pytest.raises(ValueError, match="q_weight has shape"):
+        muon.AttentionHeads(torch.zeros(10, 4), torch.zeros(8, 4), n_heads=2, qk_nope_dim=4)
+    heads = muon.AttentionHeads(torch.zeros(8, 4), torch.zeros(8, 4), n_heads=2, qk_nope_dim=4)
+    with pytest.raises(ValueError, match="max_logits has shape"):
+        muon.qk_clip_([heads], torch.zeros(2), tau=1.0)
+    with pytest.raises(ValueError, match="tau=0"):
+        muon.qk_clip_([heads], torch.zeros(1, 2), tau=0)
