@@ -1,0 +1,157 @@
+"""
+Batches of tokens from shard files, for one rank of a (possibly) distributed run.
+
+TrainLoader: an endless, seeded stream. Each shard is cut into chunks of
+B*T+1 tokens (a chunk gives inputs x = chunk[:-1] and targets y = chunk[1:]);
+every epoch shuffles the shard order and the chunk order within each shard, and
+at step k of a shard rank r takes chunk k*world_size + r, so no two ranks ever
+see the same tokens. Only the current shard is open, as a memmap. The position
+is three ints (epoch, shard, step), the same on every rank, so resuming is exact.
+
+ValLoader: the first num_tokens tokens of the val shards, in order, the same
+batches on every call, split across ranks.
+"""
+
+import glob
+
+import numpy as np
+import torch
+
+from data.shard import read_header, read_shard
+
+
+def find_shards(pattern):
+    files = sorted(glob.glob(str(pattern)))
+    if not files:
+        raise FileNotFoundError(f"no shard files match {pattern}")
+    return files
+
+
+def to_batch(chunk, batch_size, seq_len, device):
+    """Inputs and targets, (B, T) int64 on device, from a numpy chunk of B*T+1 tokens."""
+    buf = torch.from_numpy(chunk.astype(np.int64))
+    if device.type == "cuda":
+        buf = buf.pin_memory()  # lets the copy below run asynchronously
+    buf = buf.to(device, non_blocking=True)
+    return buf[:-1].view(batch_size, seq_len), buf[1:].view(batch_size, seq_len)
+
+
+def check_rank(rank, world_size):
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+
+
+class TrainLoader:
+    """next(loader) -> (x, y), each (batch_size, seq_len) int64 on device, forever.
+
+    pattern is a glob of shard files; every rank passes the same pattern and seed.
+    """
+
+    def __init__(self, pattern, batch_size, seq_len, rank=0, world_size=1, seed=0, device="cpu"):
+        check_rank(rank, world_size)
+        self.files = find_shards(pattern)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.chunk_len = batch_size * seq_len + 1
+        # Reading every header now means a bad shard fails at start-up, not hours in.
+        self.chunks = [read_header(f) // self.chunk_len for f in self.files]
+        # Steps a shard gives each rank; its last chunks_per_shard % world_size chunks are skipped.
+        self.steps = [n // world_size for n in self.chunks]
+        if not any(self.steps):
+            raise ValueError(
+                f"no shard matching {pattern} holds world_size * (batch_size * seq_len + 1) = "
+                f"{world_size * self.chunk_len} tokens (largest: {max(self.chunks) * self.chunk_len})"
+            )
+        self.load_state_dict({"epoch": 0, "shard": 0, "step": 0})
+
+    def state_dict(self):
+        """Where the next batch comes from; identical on every rank."""
+        return {"epoch": self.epoch, "shard": self.shard, "step": self.step}
+
+    def load_state_dict(self, state):
+        if set(state) != {"epoch", "shard", "step"}:
+            raise ValueError(f"loader state must have keys epoch, shard, step; got {sorted(state)}")
+        epoch, shard, step = (int(state[k]) for k in ("epoch", "shard", "step"))
+        if epoch < 0 or not 0 <= shard < len(self.files):
+            raise ValueError(f"loader state {state} does not fit {len(self.files)} shard files")
+        file_index = self.shard_order(epoch)[shard]
+        if not 0 <= step <= self.steps[file_index]:
+            raise ValueError(
+                f"loader state {state}: {self.files[file_index]} has only {self.steps[file_index]} steps per rank"
+            )
+        self.epoch, self.shard, self.step = epoch, shard, step
+        self.open_shard()
+
+    def shard_order(self, epoch):
+        """File indices in the order this epoch reads them; the same on every rank."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.files)).tolist()
+
+    def open_shard(self):
+        """Memmap shard number self.shard of this epoch and shuffle its chunks."""
+        self.file_index = self.shard_order(self.epoch)[self.shard]
+        self.tokens = read_shard(self.files[self.file_index])
+        chunk_rng = np.random.default_rng([self.seed, self.epoch, self.file_index])
+        self.chunk_order = chunk_rng.permutation(self.chunks[self.file_index])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while self.step == self.steps[self.file_index]:  # this shard is used up: next shard, maybe next epoch
+            self.step, self.shard = 0, self.shard + 1
+            if self.shard == len(self.files):
+                self.shard, self.epoch = 0, self.epoch + 1
+            self.open_shard()
+        start = int(self.chunk_order[self.step * self.world_size + self.rank]) * self.chunk_len
+        self.step += 1
+        return to_batch(self.tokens[start:start + self.chunk_len], self.batch_size, self.seq_len, self.device)
+
+
+class ValLoader:
+    """for x, y in loader: len(loader) batches of (batch_size, seq_len) int64 on device.
+
+    Over all ranks and batches the inputs cover exactly the first num_tokens
+    tokens of the files matching pattern, which must be a multiple of
+    world_size * batch_size * seq_len.
+    """
+
+    def __init__(self, pattern, num_tokens, batch_size, seq_len, rank=0, world_size=1, device="cpu"):
+        check_rank(rank, world_size)
+        self.step_tokens = world_size * batch_size * seq_len
+        if num_tokens <= 0 or num_tokens % self.step_tokens:
+            raise ValueError(
+                f"val tokens ({num_tokens}) must be a positive multiple of world_size * batch_size * seq_len "
+                f"= {self.step_tokens}"
+            )
+        self.num_tokens = num_tokens
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank = rank
+        self.device = torch.device(device)
+        # One token more than asked: the last input still needs its target.
+        self.tokens = first_tokens(find_shards(pattern), num_tokens + 1, pattern)
+
+    def __len__(self):
+        return self.num_tokens // self.step_tokens
+
+    def __iter__(self):
+        rank_tokens = self.batch_size * self.seq_len
+        for step in range(len(self)):
+            start = step * self.step_tokens + self.rank * rank_tokens
+            yield to_batch(self.tokens[start:start + rank_tokens + 1], self.batch_size, self.seq_len, self.device)
+
+
+def first_tokens(files, count, pattern):
+    """The first count tokens of files read as one stream, in memory (val sets are small)."""
+    parts, have = [], 0
+    for f in files:
+        if have == count:
+            break
+        part = read_shard(f)[:count - have]
+        parts.append(np.array(part))  # a copy, so the memmap can close
+        have += len(part)
+    if have < count:
+        raise ValueError(f"val shards matching {pattern} hold {have} tokens, fewer than the {count} needed "
+                         f"({count - 1} val tokens + 1 for the last target)")
+    return np.concatenate(parts)

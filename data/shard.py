@@ -1,0 +1,82 @@
+"""
+The token shard file format, shared with llm.c and modded-nanogpt:
+
+    256 little-endian int32 header values:
+        header[0] = 20240520 (magic), header[1] = 1 (version), header[2] = token count
+    then the tokens as little-endian uint16.
+
+Every reader checks the header against the file size, so a truncated or foreign
+file is an error that names it, never a silent partial read.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_TOKEN = 2**16 - 1  # tokens are stored as uint16
+MAX_COUNT = 2**31 - 1  # the count is stored as int32
+
+
+def write_shard(path, tokens):
+    """Write tokens (integers in [0, 65535]) as a shard at path, atomically."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+        raise ValueError(f"{path}: expected a 1-D array of integer tokens, got {tokens.dtype} {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() > MAX_TOKEN):
+        raise ValueError(
+            f"{path}: tokens must fit in uint16 [0, {MAX_TOKEN}], found range [{tokens.min()}, {tokens.max()}]"
+        )
+    if tokens.size > MAX_COUNT:
+        raise ValueError(f"{path}: {tokens.size} tokens is more than a shard header can count ({MAX_COUNT})")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, tokens.size
+    # A temp file in the same directory, renamed over the target, means a crash
+    # leaves either the old file or the complete new one, never half a shard.
+    # (Named by hand rather than by tempfile.mkstemp, whose files ignore the umask.)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_header(path):
+    """Check the shard at path is whole and return its token count."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is too short for the {HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, count = (int(v) for v in header[:3])
+    if magic != MAGIC:
+        raise ValueError(f"{path}: bad magic number {magic}, expected {MAGIC} (not a token shard?)")
+    if version != VERSION:
+        raise ValueError(f"{path}: unsupported shard version {version}, expected {VERSION}")
+    expected_size = HEADER_BYTES + 2 * count
+    if count < 0 or size != expected_size:
+        raise ValueError(
+            f"{path}: header says {count} tokens ({expected_size} bytes) but the file is {size} bytes "
+            "(truncated or corrupted)"
+        )
+    return count
+
+
+def read_shard(path):
+    """The tokens of the shard at path as a read-only uint16 memmap (nothing is loaded until used)."""
+    count = read_header(path)
+    if count == 0:
+        return np.empty(0, dtype="<u2")  # mmap cannot map zero bytes
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
