@@ -1,0 +1,447 @@
+"""GPT with Multi-head Latent Attention (MLA), decoupled RoPE and a per-head max-logit probe.
+
+One file, top to bottom: config, RoPE, the probe, attention (MLA, and standard MHA for
+comparisons), MLP, block, GPT (training forward, the MuonClip hook, generation with a KV cache).
+
+    import muon
+    from model import CONFIGS, GPT
+    model = GPT(CONFIGS["gpt124m-mla"])
+    loss, max_logits = model(idx, targets, probe=True)       # max_logits: (n_layer, n_head) fp32
+    loss.backward(); opt.step()
+    muon.qk_clip_(model.attention_heads(), max_logits, tau=100.0)
+
+MLA (DeepSeek-V2, arXiv 2405.04434), per layer, with DeepSeek's names:
+
+    q              = wq(x)  or  wq_b(q_norm(wq_a(x)))            each head's rows [q_nope | q_rope]
+    latent, k_rope = split(wkv_a(x), [kv_lora_rank, rope])       ONE rope key, shared by all heads
+    kv             = wkv_b(kv_norm(latent))                       each head's rows [k_nope | v]
+    logit          = (q_nope . k_nope + RoPE(q_rope) . RoPE(k_rope)) / sqrt(nope + rope)
+    out            = wo(concat over heads of softmax(logit) @ v)
+
+The per-head row grouping is what MuonClip (muon.qk_clip_) relies on to rescale one head.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import muon
+
+NORM_EPS = 1e-6
+ATTENTION_KINDS = ("mla", "mha")
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257        # the tokenizer's; embedding and head are padded to a multiple of 64
+    block_size: int = 1024         # max sequence length (RoPE tables and KV cache are this long)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    attention: str = "mla"         # "mla" or "mha"
+    # MLA widths (per head, except the ranks)
+    q_lora_rank: int = 0           # 0: q = wq(x); else q = wq_b(q_norm(wq_a(x)))
+    kv_lora_rank: int = 256        # width of the cached latent
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    # MHA width per head (RoPE rotates all of it)
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    logit_softcap: float = 0.0     # 0: off; else logits = cap * tanh(logits / cap)
+    probe_chunk_size: int = 128    # query rows per score tile of the max-logit probe
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "head_dim", "probe_chunk_size"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, value, "a positive integer")
+        _require(_is_int(self.q_lora_rank) and self.q_lora_rank >= 0, "q_lora_rank", self.q_lora_rank,
+                 "a non-negative integer (0 = no query compression)")
+        for name in ("qk_rope_head_dim", "head_dim"):  # RoPE rotates pairs of features
+            _require(getattr(self, name) % 2 == 0, name, getattr(self, name), "an even integer")
+        _require(self.attention in ATTENTION_KINDS, "attention", self.attention, f"one of {ATTENTION_KINDS}")
+        _require(_is_number(self.rope_theta) and self.rope_theta > 0, "rope_theta", self.rope_theta,
+                 "a positive number")
+        _require(_is_number(self.logit_softcap) and self.logit_softcap >= 0, "logit_softcap",
+                 self.logit_softcap, "a number >= 0 (0 = off)")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # A multiple of 64 keeps the head's matmul on tensor-core-friendly shapes (50257 -> 50304).
+        return (self.vocab_size + 63) // 64 * 64
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"GPTConfig.{field}={value!r}: expected {expected}")
+
+
+# Named configurations. They are shared objects: derive variants with dataclasses.replace.
+CONFIGS = {
+    # GPT-2 small's trunk (d=768, 12 layers, 12 heads, seq 1024) with MLA. Widths: nope 64 keeps
+    # GPT-2's 64-wide content dot product; rope 32 (DeepSeek's rope = nope / 2) adds position on
+    # top, so q/k are 96 wide (cuDNN runs 96/64 at 1.28 ms vs 1.03 ms for 64/64, DESIGN.md); v 64
+    # keeps wo a square 768 x 768 as in GPT-2; kv_lora_rank 256 (DeepSeek uses 4 x nope) caches
+    # 256 + 32 = 288 numbers per token and layer instead of MHA's 2 x 768; q_lora_rank 0, since at
+    # d=768 a low-rank query saves little and costs a norm and a matmul (DeepSeek-V2-Lite has none).
+    "gpt124m-mla": GPTConfig(),
+    "gpt124m-mha": GPTConfig(attention="mha", head_dim=64),
+    # CPU tests and the demo (vocab_size stays GPT-2's here; a trainer sets it from its tokenizer).
+    "tiny-mla": GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64, kv_lora_rank=32,
+                          qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
+    "tiny-mha": GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64, attention="mha", head_dim=16),
+}
+
+# ----------------------------------------------------------------------------------------------
+# RoPE, masks and the max-logit probe
+
+
+def rope_tables(dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of position * theta^(-2k/dim) for positions < length and pairs k < dim/2: (length, dim/2)."""
+    # fp64 so the fp32 tables are correctly rounded even at large position * frequency.
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each feature pair (k, k + d/2) of x (B, T, heads, d) by its position's angle.
+
+    Pairs are the two halves (GPT-NeoX's layout), not neighbours as in DeepSeek's complex-number
+    code: same RoPE, contiguous slices. The products promote bf16 x to the tables' fp32; the
+    result goes back to x's dtype.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def causal_mask(start: int, n_queries: int, n_keys: int, device) -> Tensor:
+    """(n_queries, n_keys) bool, True where the query at position start + t may see key s (s <= start + t)."""
+    queries = torch.arange(start, start + n_queries, device=device)
+    return torch.arange(n_keys, device=device) <= queries[:, None]
+
+
+@torch.no_grad()
+def max_causal_logits(q: Tensor, k: Tensor, scale: float, chunk_size: int) -> Tensor:
+    """Per head, the largest logit (q_i . k_j) * scale over the batch and all pairs j <= i: (H,) fp32.
+
+    q, k: (B, H, T, D). Query rows go a block at a time against only the keys they can see, so
+    at most a (B, H, chunk_size, T) tile of scores exists at once, never all heads' T x T.
+    The tile is in q's dtype (the autocast dtype in training): the matmul accumulates in fp32
+    and rounds each score once, and rounding is monotone, so the tile's max is the exact max
+    rounded once (<= 0.4% in bf16, immaterial next to tau) for half an fp32 tile's memory traffic.
+    The loop depends on the static shape T only, so torch.compile unrolls it without guards on data.
+    """
+    T = q.size(2)
+    maxima = []
+    for start in range(0, T, chunk_size):
+        end = min(start + chunk_size, T)
+        scores = q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1)
+        scores = scores.masked_fill(~causal_mask(start, end - start, end, q.device), float("-inf"))
+        maxima.append(scores.amax(dim=(0, 2, 3)))
+    # Scale the (H,) maxima rather than the tiles: max commutes with a positive scale.
+    return torch.stack(maxima).amax(dim=0).float() * scale
+
+
+def _norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """norm(x) in the gain's dtype: autocast hands bf16 matmul outputs to an fp32 gain, which
+    torch's fused RMSNorm kernel refuses (it falls back to several unfused ops)."""
+    return norm(x.to(norm.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d, H = config.n_embd, config.n_head
+        self.n_head = H
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        qk_dim = self.nope + self.rope
+        if self.q_lora_rank == 0:
+            self.wq = nn.Linear(d, H * qk_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=NORM_EPS)
+            self.wq_b = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(d, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=NORM_EPS)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_dim, d, bias=False)
+        self.softmax_scale = qk_dim ** -0.5
+        self.probe_chunk_size = config.probe_chunk_size
+
+    def heads(self) -> muon.AttentionHeads:
+        q_weight = self.wq.weight if self.q_lora_rank == 0 else self.wq_b.weight
+        return muon.AttentionHeads(q_weight, self.wkv_b.weight, self.n_head, self.nope, self.rope, self.v_dim)
+
+    def new_cache(self, batch: int, length: int, dtype: torch.dtype, device) -> Tensor:
+        """Per token only the kv_norm'd latent and the roped shared key: (B, length, kv_lora_rank + rope)."""
+        return torch.zeros(batch, length, self.kv_lora_rank + self.rope, dtype=dtype, device=device)
+
+    def _queries(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """q_nope (B, T, H, nope) and roped q_rope (B, T, H, rope)."""
+        B, T, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(_norm(self.q_norm, self.wq_a(x)))
+        q_nope, q_rope = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def _latent_and_rope_key(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """The normed latent (B, T, kv_lora_rank) and the roped shared key (B, T, 1, rope)."""
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        return _norm(self.kv_norm, latent), apply_rope(k_rope.unsqueeze(2), cos, sin)
+
+    def forward(self, x, cos, sin, probe=False, cache=None, start=0):
+        if cache is not None:
+            return self._decode(x, cos, sin, cache, start), None
+        B, T, _ = x.shape
+        H = self.n_head
+        q_nope, q_rope = self._queries(x, cos, sin)
+        latent, k_rope = self._latent_and_rope_key(x, cos, sin)
+        k_nope, v = self.wkv_b(latent).view(B, T, H, -1).split([self.nope, self.v_dim], dim=-1)
+        # One cat each; the shared rope key is broadcast to the heads by expand, not copied first.
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
+        # No backend forced: on H100 the default is cuDNN, which takes v narrower than q/k.
+        y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        max_logits = max_causal_logits(q, k, self.softmax_scale, self.probe_chunk_size) if probe else None
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), max_logits
+
+    def _decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, start: int) -> Tensor:
+        """Attention of new tokens x (positions start..) over the cache, wkv_b absorbed.
+
+        q_nope . (W_k c) = (W_k^T q_nope) . c: the k_nope rows of wkv_b move into the query, and
+        sum_j p_j W_v c_j = W_v sum_j p_j c_j: its v rows move after the weighted sum. So keys and
+        values never leave latent space and the cache holds only latent and rope key per token.
+        """
+        B, T, _ = x.shape
+        end = start + T
+        q_nope, q_rope = self._queries(x, cos, sin)
+        latent, k_rope = self._latent_and_rope_key(x, cos, sin)
+        cache[:, start:end] = torch.cat([latent, k_rope.squeeze(2)], dim=-1)
+        w_k, w_v = self.wkv_b.weight.view(self.n_head, -1, self.kv_lora_rank).split([self.nope, self.v_dim], dim=1)
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_k)
+        # [q_latent | q_rope] . [latent | k_rope] is the nope and the rope logit in one product.
+        scores = torch.einsum("bthc,bsc->bhts", torch.cat([q_latent, q_rope], dim=-1), cache[:, :end])
+        scores = (scores * self.softmax_scale).masked_fill(~causal_mask(start, T, end, x.device), float("-inf"))
+        y_latent = torch.einsum("bhts,bsc->bthc", scores.softmax(dim=-1), cache[:, :end, :self.kv_lora_rank])
+        y = torch.einsum("bthc,hvc->bthv", y_latent, w_v)
+        return self.wo(y.reshape(B, T, -1))
+
+
+class MultiHeadAttention(nn.Module):
+    """Standard attention with RoPE on all of q and k, for comparisons with MLA."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d, H, hd = config.n_embd, config.n_head, config.head_dim
+        self.n_head, self.head_dim = H, hd
+        self.wq = nn.Linear(d, H * hd, bias=False)
+        self.wk = nn.Linear(d, H * hd, bias=False)
+        self.wv = nn.Linear(d, H * hd, bias=False)
+        self.wo = nn.Linear(H * hd, d, bias=False)
+        self.softmax_scale = hd ** -0.5
+        self.probe_chunk_size = config.probe_chunk_size
+
+    def heads(self) -> muon.AttentionHeads:
+        # RoPE is linear, so scaling a head's q and k rows by sqrt(gamma) scales its logits by
+        # gamma: for MuonClip the whole head counts as "nope".
+        return muon.AttentionHeads(self.wq.weight, self.wk.weight, self.n_head, self.head_dim)
+
+    def new_cache(self, batch: int, length: int, dtype: torch.dtype, device) -> Tensor:
+        """Roped keys and values: (2, B, H, length, head_dim)."""
+        return torch.zeros(2, batch, self.n_head, length, self.head_dim, dtype=dtype, device=device)
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Roped q, roped k and v, each (B, H, T, head_dim)."""
+        B, T, _ = x.shape
+        q, k, v = (w(x).view(B, T, self.n_head, self.head_dim) for w in (self.wq, self.wk, self.wv))
+        return apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, cos, sin, probe=False, cache=None, start=0):
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            max_logits = max_causal_logits(q, k, self.softmax_scale, self.probe_chunk_size) if probe else None
+        else:
+            end = start + T
+            cache[0, :, :, start:end], cache[1, :, :, start:end] = k, v
+            y = F.scaled_dot_product_attention(
+                q, cache[0, :, :, :end], cache[1, :, :, :end],
+                attn_mask=causal_mask(start, T, end, x.device), scale=self.softmax_scale,
+            )
+            max_logits = None
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), max_logits
+
+
+# ----------------------------------------------------------------------------------------------
+# MLP, block, GPT
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+        self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else MultiHeadAttention(config)
+        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, probe=False, cache=None, start=0):
+        y, max_logits = self.attn(self.attn_norm(x), cos, sin, probe, cache, start)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), max_logits
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        rope_dim = config.qk_rope_head_dim if config.attention == "mla" else config.head_dim
+        cos, sin = rope_tables(rope_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        # Hidden matrices: std 0.5 / sqrt(fan_in), the speedrun's scale (it draws uniform), so a
+        # layer's output starts at half its input's RMS; Muon's updates set the scale from there.
+        # The embedding has std 1, the RMS that the pre-norm blocks normalise to anyway.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(std=0.5 / math.sqrt(module.in_features))
+        self.wte.weight.normal_(std=1.0)
+        # Zero the matrices that write into the residual stream and the head: every block starts
+        # as the identity, the initial loss is exactly ln(padded_vocab_size), and the first
+        # updates, not random init, decide what each block adds (the speedrun's choice). The cost:
+        # the first step trains only lm_head, and the weights before wo and proj get gradients
+        # from the third step on.
+        for block in self.blocks:
+            block.attn.wo.weight.zero_()
+            block.mlp.proj.weight.zero_()
+        self.lm_head.weight.zero_()
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """All parameters; non_embedding=True leaves out the token embedding (a lookup, no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if non_embedding else n
+
+    def attention_heads(self) -> list[muon.AttentionHeads]:
+        """Each layer's live q/k weights and head layout, for muon.qk_clip_."""
+        return [block.attn.heads() for block in self.blocks]
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, probe: bool = False):
+        """Logits (B, T, padded_vocab_size), or with targets the mean cross-entropy (fp32, targets
+        of -1 ignored). With probe=True also the max pre-softmax logit per layer and head over
+        the batch: returns (logits or loss, max_logits (n_layer, n_head) fp32, detached)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds GPTConfig.block_size={self.config.block_size}")
+        x = self.wte(idx)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        max_logits = []
+        for block in self.blocks:
+            x, layer_max = block(x, cos, sin, probe)
+            max_logits.append(layer_max)
+        logits = self._logits(x)
+        if targets is not None:
+            logits = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return (logits, torch.stack(max_logits)) if probe else logits
+
+    def _logits(self, x: Tensor) -> Tensor:
+        logits = self.lm_head(self.norm_f(x))
+        # bf16 -> fp32 for the softcap and the loss; a float64 model (tests) stays float64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 greedy: bool = False, use_cache: bool = True) -> Tensor:
+        """The prompt idx (T,) or (B, T) followed by max_new_tokens new tokens, same number of dims.
+
+        greedy takes the argmax; otherwise samples from softmax(logits / temperature), restricted
+        to the top_k most likely tokens if given. Padding tokens of the vocabulary are never chosen.
+        Beyond block_size the context is cropped to the last block_size tokens; with the cache,
+        that shifts every position, so each such step refills the cache from the cropped context.
+        """
+        if idx.dtype != torch.long or idx.ndim not in (1, 2) or idx.size(-1) == 0:
+            raise ValueError(f"idx: expected a non-empty long tensor (T,) or (B, T), got {idx.dtype} {tuple(idx.shape)}")
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature={temperature}: expected > 0 (or greedy=True)")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k}: expected a positive integer or None")
+        one_sequence = idx.ndim == 1
+        idx = idx.view(1, -1) if one_sequence else idx
+        L = self.config.block_size
+        if use_cache:
+            caches = [block.attn.new_cache(idx.size(0), L, self.wte.weight.dtype, idx.device) for block in self.blocks]
+        for step in range(max_new_tokens):
+            if not use_cache:
+                logits = self(idx[:, -L:])[:, -1]
+            elif step == 0 or idx.size(1) > L:
+                logits = self._cached_logits(idx[:, -L:], caches, start=0)
+            else:
+                logits = self._cached_logits(idx[:, -1:], caches, start=idx.size(1) - 1)
+            next_token = pick_token(logits[:, :self.config.vocab_size], temperature, top_k, greedy)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx[0] if one_sequence else idx
+
+    def _cached_logits(self, idx: Tensor, caches: list[Tensor], start: int) -> Tensor:
+        """Logits (B, V) after the last token of idx, whose tokens sit at positions start..; fills the caches."""
+        T = idx.size(1)
+        x = self.wte(idx)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        for block, cache in zip(self.blocks, caches):
+            x, _ = block(x, cos, sin, cache=cache, start=start)
+        return self._logits(x[:, -1])
+
+
+def pick_token(logits: Tensor, temperature: float, top_k: int | None, greedy: bool) -> Tensor:
+    """One token per row of logits (B, V): (B, 1)."""
+    if greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)

@@ -1,0 +1,321 @@
+"""model.py against the formulas, written out here independently, on tiny CPU models."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import muon
+from model import CONFIGS, GPT, GPTConfig
+
+VOCAB = 97  # padded to 128: the padding columns are exercised too
+KINDS = {  # name -> changes to a tiny config
+    "mla": dict(attention="mla"),
+    "mla-qlora": dict(attention="mla", q_lora_rank=24),
+    "mha": dict(attention="mha"),
+    "mla-softcap": dict(attention="mla", logit_softcap=3.0),
+}
+
+
+def tiny(kind: str, **changes) -> GPTConfig:
+    changes = {**KINDS[kind], **changes}
+    base = CONFIGS["tiny-mha" if changes["attention"] == "mha" else "tiny-mla"]
+    return dataclasses.replace(base, vocab_size=VOCAB, block_size=32, **changes)
+
+
+def random_model(config: GPTConfig, seed: int = 0) -> GPT:
+    """A float64 model with every weight random, the zero-initialised ones and norm gains included."""
+    torch.manual_seed(seed)
+    model = GPT(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(std=p.size(1) ** -0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: the formulas, head by head, in float64
+
+
+def rms_norm(x, norm):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def rope(x, theta):
+    """x (B, T, H, d): features k and k + d/2 as one complex number, turned by position * theta^(-2k/d)."""
+    T, d = x.size(1), x.size(-1)
+    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs
+    z = torch.complex(x[..., :d // 2], x[..., d // 2:]) * torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def reference_attention(attn, x, c: GPTConfig):
+    """Causally masked logits (B, H, T, T) and the layer's output (B, T, d)."""
+    B, T, _ = x.shape
+    H = c.n_head
+    if c.attention == "mla":
+        n, r = c.qk_nope_head_dim, c.qk_rope_head_dim
+        if c.q_lora_rank:
+            q = rms_norm(x @ attn.wq_a.weight.T, attn.q_norm) @ attn.wq_b.weight.T
+        else:
+            q = x @ attn.wq.weight.T
+        q = q.view(B, T, H, n + r)
+        kv_a = x @ attn.wkv_a.weight.T
+        latent, shared_key = kv_a[..., :c.kv_lora_rank], kv_a[..., c.kv_lora_rank:]
+        kv = (rms_norm(latent, attn.kv_norm) @ attn.wkv_b.weight.T).view(B, T, H, n + c.v_head_dim)
+        k_nope, values = kv[..., :n], kv[..., n:]
+        q_rope, k_rope = rope(q[..., n:], c.rope_theta), rope(shared_key[:, :, None, :], c.rope_theta)[:, :, 0]
+        logits = torch.einsum("bihd,bjhd->bhij", q[..., :n], k_nope) + torch.einsum("bihd,bjd->bhij", q_rope, k_rope)
+        logits = logits / math.sqrt(n + r)
+    else:
+        q, k, values = ((x @ w.weight.T).view(B, T, H, c.head_dim) for w in (attn.wq, attn.wk, attn.wv))
+        logits = torch.einsum("bihd,bjhd->bhij", rope(q, c.rope_theta), rope(k, c.rope_theta)) / math.sqrt(c.head_dim)
+    logits = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    out = torch.einsum("bhij,bjhd->bihd", logits.softmax(-1), values).reshape(B, T, -1) @ attn.wo.weight.T
+    return logits, out
+
+
+def reference_gpt(model: GPT, idx):
+    """Logits (B, T, padded V), and per layer the attention logits (B, H, T, T) and the attention's input."""
+    c = model.config
+    x = model.wte.weight[idx]
+    layer_logits, layer_inputs = [], []
+    for block in model.blocks:
+        layer_inputs.append(rms_norm(x, block.attn_norm))
+        logits, out = reference_attention(block.attn, layer_inputs[-1], c)
+        layer_logits.append(logits)
+        x = x + out
+        x = x + torch.relu(rms_norm(x, block.mlp_norm) @ block.mlp.fc.weight.T).square() @ block.mlp.proj.weight.T
+    logits = rms_norm(x, model.norm_f) @ model.lm_head.weight.T
+    if c.logit_softcap:
+        logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
+    return logits, layer_logits, layer_inputs
+
+
+def per_head_max(layer_logits):
+    return torch.stack([logits.amax(dim=(0, 2, 3)) for logits in layer_logits])
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward, loss, probe
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_loss_and_probe_match_reference(kind):
+    model = random_model(tiny(kind))
+    idx = tokens(2, 13)
+    targets = tokens(2, 13, seed=2)
+    targets[0, :3] = -1
+    logits, max_logits = model(idx, probe=True)
+    ref_logits, ref_layer_logits, _ = reference_gpt(model, idx)
+    assert logits.shape == (2, 13, 128)
+    # Not 1e-12: the model's RoPE tables are fp32 (correctly rounded), the reference's fp64.
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert max_logits.dtype == torch.float32 and max_logits.shape == (2, 4) and not max_logits.requires_grad
+    torch.testing.assert_close(max_logits, per_head_max(ref_layer_logits).float(), rtol=1e-6, atol=0)
+    loss, loss_max_logits = model(idx, targets, probe=True)
+    assert torch.equal(loss_max_logits, max_logits)
+    expected_loss = F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(model(idx, targets), loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mla", "mha"])
+def test_probe_chunks_agree(kind):
+    config = tiny(kind)
+    model = random_model(config)
+    idx = tokens(3, 29)
+    _, one_chunk = model(idx, probe=True)  # probe_chunk_size 128 > T
+    for chunk in (1, 5, 16):
+        chunked = GPT(dataclasses.replace(config, probe_chunk_size=chunk)).double()
+        chunked.load_state_dict(model.state_dict())
+        _, max_logits = chunked(idx, probe=True)
+        torch.testing.assert_close(max_logits, one_chunk, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mla", "mha"])
+def test_future_tokens_never_change_earlier_outputs(kind):
+    model = random_model(tiny(kind))
+    idx = tokens(2, 20)
+    changed = idx.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % VOCAB
+    before, after = model(idx), model(changed)
+    assert torch.equal(before[:, :11], after[:, :11])
+    assert not torch.allclose(before[:, 11:], after[:, 11:])
+
+
+def test_fresh_model_starts_at_uniform_loss_and_trains_under_bf16_autocast():
+    model = GPT(tiny("mla"))
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
+    assert model(idx, targets).item() == pytest.approx(math.log(128), rel=1e-6)  # zero-init head
+    model = random_model(tiny("mla-qlora", logit_softcap=15.0)).float()
+    _, fp32_max = model(idx, probe=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, max_logits = model(idx, targets, probe=True)
+    loss.backward()
+    assert loss.dtype == torch.float32 and max_logits.dtype == torch.float32
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(max_logits, fp32_max, rtol=0.05, atol=0.05)  # bf16 activations
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_forward_traces_as_one_graph(probe):
+    torch._dynamo.reset()
+    model = GPT(tiny("mla"))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    idx = tokens(2, 16)
+    out = compiled(idx, idx, probe=probe)
+    expected = model(idx, idx, probe=probe)
+    torch.testing.assert_close(out, expected)
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = GPT(tiny("mla"))
+    with pytest.raises(ValueError, match="block_size"):
+        model(tokens(1, 33))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter counts
+
+
+def expected_params(c: GPTConfig) -> int:
+    d, H, V = c.n_embd, c.n_head, math.ceil(c.vocab_size / 64) * 64
+    if c.attention == "mla":
+        n, r, v, kv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        query = d * H * (n + r) if c.q_lora_rank == 0 else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * (n + r)
+        attention = query + d * (kv + r) + kv + kv * H * (n + v) + H * v * d
+    else:
+        attention = 4 * d * H * c.head_dim
+    block = attention + 2 * 4 * d * d + 2 * d  # attention, MLP, two norm gains
+    return V * d + c.n_layer * block + d + d * V  # embedding, blocks, final norm, head
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, "tiny-mla+qlora"])
+def test_parameter_counts(name):
+    config = dataclasses.replace(CONFIGS["tiny-mla"], q_lora_rank=32) if name == "tiny-mla+qlora" else CONFIGS[name]
+    with torch.device("meta"):
+        model = GPT(config)
+    print(f"{name}: {model.num_params():,} parameters, {model.num_params(non_embedding=True):,} without the embedding")
+    assert model.num_params() == expected_params(config)
+    assert model.num_params(non_embedding=True) == expected_params(config) - config.padded_vocab_size * config.n_embd
+    assert CONFIGS["gpt124m-mla"].padded_vocab_size == 50304
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and the KV cache
+
+
+@pytest.mark.parametrize("kind", ["mla", "mla-qlora", "mha"])
+def test_cached_attention_equals_uncached(kind):
+    model = random_model(tiny(kind))
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 17, 64, dtype=torch.float64)
+    cos, sin = model.rope_cos, model.rope_sin
+    full, _ = attn(x, cos[:17], sin[:17])
+    cache = attn.new_cache(2, 32, torch.float64, x.device)
+    if kind.startswith("mla"):  # only the latent and the shared rope key per token
+        assert cache.shape == (2, 32, model.config.kv_lora_rank + model.config.qk_rope_head_dim)
+    pieces = [attn(x[:, :6], cos[:6], sin[:6], cache=cache, start=0)[0]]
+    for t in range(6, 17):
+        pieces.append(attn(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache=cache, start=t)[0])
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mla", "mla-qlora", "mha"])
+def test_cached_generation_gives_the_uncached_tokens(kind):
+    model = random_model(tiny(kind))
+    prompt = tokens(2, 5)
+    # 40 new tokens pass block_size 32, so the cropped, refilled window is covered too.
+    cached = model.generate(prompt, 40, greedy=True)
+    uncached = model.generate(prompt, 40, greedy=True, use_cache=False)
+    assert cached.shape == (2, 45) and torch.equal(cached[:, :5], prompt)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[0, 5:].tolist())) > 1  # not a degenerate run of one token
+    one = model.generate(prompt[1], 10, greedy=True)
+    assert one.shape == (15,) and torch.equal(one, cached[1, :15])
+    torch.manual_seed(3)
+    sampled = model.generate(prompt, 20, temperature=0.8, top_k=10)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.generate(prompt, 20, temperature=0.8, top_k=10, use_cache=False))
+
+
+def test_sampling_rules():
+    model = random_model(tiny("mla"))
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] *= 100  # padding tokens would win if they were not excluded
+    prompt = tokens(3, 4)
+    greedy = model.generate(prompt, 12, greedy=True)
+    assert greedy.max() < VOCAB
+    assert torch.equal(model.generate(prompt, 12, top_k=1), greedy)
+    assert model.generate(prompt, 30, temperature=2.0).max() < VOCAB
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 1, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(prompt, 1, top_k=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# MuonClip end to end
+
+
+@pytest.mark.parametrize("kind", ["mla", "mla-qlora", "mha"])
+def test_qk_clip_caps_the_probed_heads_at_tau(kind):
+    model = random_model(tiny(kind))
+    with torch.no_grad():  # push logits up: every q and k row x3, so logits x9
+        for heads in model.attention_heads():
+            heads.q_weight.mul_(3.0)
+            heads.k_weight.mul_(3.0)
+    idx = tokens(2, 24)
+    _, before = model(idx, probe=True)
+    _, logits_before, layer_inputs = reference_gpt(model, idx)
+    tau = before[0].median().item()
+    over = before > tau
+    assert over[0].any() and (~over[0]).any() and before.max() > 2
+    untouched = {name: p.clone() for name, p in model.named_parameters()
+                 if name.split(".")[-2] in ("wkv_a", "wq_a", "wv", "wo", "kv_norm", "q_norm")}
+
+    n_clipped = muon.qk_clip_(model.attention_heads(), before, tau)
+
+    # The first layer sees the same input again: its clipped heads now peak at exactly tau.
+    _, after = model(idx, probe=True)
+    assert n_clipped.item() == over.sum().item()
+    torch.testing.assert_close(after[0][over[0]], torch.full_like(after[0][over[0]], tau), rtol=1e-4, atol=0)
+    assert torch.equal(after[0][~over[0]], before[0][~over[0]])
+    # Later layers' inputs changed with the first layer's output, so compare every layer on the
+    # inputs it saw before: each clipped head's logits all scale by gamma, the others stay put.
+    gamma = torch.where(over, tau / before, 1.0).double()
+    for layer, (block, x, old) in enumerate(zip(model.blocks, layer_inputs, logits_before)):
+        new, _ = reference_attention(block.attn, x, model.config)
+        for h in range(model.config.n_head):
+            if over[layer, h]:
+                torch.testing.assert_close(new[:, h], old[:, h] * gamma[layer, h], rtol=1e-6, atol=1e-12)
+                assert new[:, h].max().item() == pytest.approx(tau, rel=1e-4)
+            else:
+                assert torch.equal(new[:, h], old[:, h])
+    for name, p in untouched.items():  # the shared rope key (wkv_a) above all
+        assert torch.equal(p, dict(model.named_parameters())[name]), name
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_head", 0), ("n_layer", 2.0), ("vocab_size", True), ("attention", "gqa"), ("q_lora_rank", -1),
+    ("qk_rope_head_dim", 7), ("head_dim", 15), ("kv_lora_rank", 0), ("logit_softcap", -1.0),
+    ("rope_theta", 0), ("probe_chunk_size", 0),
+])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"GPTConfig.{field}="):
+        GPTConfig(**{field: value})
