@@ -22,6 +22,7 @@ The per-head row grouping is what MuonClip (muon.qk_clip_) relies on to rescale 
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import muon
+
+try:  # the probe's fused kernel; without Triton the probe runs as chunked torch ops
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 NORM_EPS = 1e-6
 ATTENTION_KINDS = ("mla", "mha")
@@ -138,12 +145,31 @@ def causal_mask(start: int, n_queries: int, n_keys: int, device) -> Tensor:
     return torch.arange(n_keys, device=device) <= queries[:, None]
 
 
+PROBE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the fused kernel takes
+PROBE_MAX_HEAD_DIM = 256  # wider q/k rows fall back to chunks: a padded 64 x 512 q tile plus
+                          # pipelined k tiles would not fit in an H100 SM's 227 KB of shared memory
+
+
 @torch.no_grad()
 def max_causal_logits(q: Tensor, k: Tensor, scale: float, chunk_size: int) -> Tensor:
     """Per head, the largest logit (q_i . k_j) * scale over the batch and all pairs j <= i: (H,) fp32.
 
-    q, k: (B, H, T, D). Query rows go a block at a time against only the keys they can see, so
-    at most a (B, H, chunk_size, T) tile of scores exists at once, never all heads' T x T.
+    q, k: (B, H, T, D), any strides. On a GPU with Triton, for bf16/fp16/fp32 and D <= 256, one
+    fused kernel (triton_max_causal_logits) that never writes a score out; otherwise score tiles
+    chunk_size query rows tall (chunked_max_causal_logits). Same maximum up to rounding: the
+    kernel keeps it in fp32, the chunked path rounds it once to q's dtype.
+    """
+    if triton is not None and q.is_cuda and q.dtype in PROBE_DTYPES and q.size(-1) <= PROBE_MAX_HEAD_DIM:
+        return triton_max_causal_logits(q, k, scale)
+    return chunked_max_causal_logits(q, k, scale, chunk_size)
+
+
+@torch.no_grad()
+def chunked_max_causal_logits(q: Tensor, k: Tensor, scale: float, chunk_size: int) -> Tensor:
+    """max_causal_logits in torch ops: runs anywhere and traces into one graph under torch.compile.
+
+    Query rows go a block at a time against only the keys they can see, so at most a
+    (B, H, chunk_size, T) tile of scores exists at once, never all heads' T x T.
     The tile is in q's dtype (the autocast dtype in training): the matmul accumulates in fp32
     and rounds each score once, and rounding is monotone, so the tile's max is the exact max
     rounded once (<= 0.4% in bf16, immaterial next to tau) for half an fp32 tile's memory traffic.
@@ -158,6 +184,115 @@ def max_causal_logits(q: Tensor, k: Tensor, scale: float, chunk_size: int) -> Te
         maxima.append(scores.amax(dim=(0, 2, 3)))
     # Scale the (H,) maxima rather than the tiles: max commutes with a positive scale.
     return torch.stack(maxima).amax(dim=0).float() * scale
+
+
+@torch.no_grad()
+def triton_max_causal_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """max_causal_logits as one Triton kernel: (H,) fp32, for q, k (B, H, T, D) bf16, fp16 or fp32.
+
+    Each program takes PROBE_BLOCK_M query rows of one (batch, head), multiplies them by the key
+    blocks they can see in registers (fp32 accumulation; fp32 inputs in full fp32, not TF32)
+    and stores only the block's max: the memory traffic is reading q and k, the work the QK^T
+    FLOPs of causal attention (D padded to a power of 2). Bar fp32 summation order it is the
+    exact max; the chunked path's bf16 tiles round it once more. Runs on CUDA, or on CPU
+    tensors under TRITON_INTERPRET=1 (the tests).
+    """
+    if triton is None:
+        raise RuntimeError("triton_max_causal_logits needs Triton: pip install triton")
+    if q.shape != k.shape or q.dtype != k.dtype or q.dtype not in PROBE_DTYPES:
+        raise ValueError(f"q, k: expected one shape and one of {PROBE_DTYPES}, got "
+                         f"{tuple(q.shape)} {q.dtype} and {tuple(k.shape)} {k.dtype}")
+    B, H = q.shape[:2]
+    return _block_max_logits(q, k).view(B, H, -1).amax(dim=(0, 2)) * scale
+
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1, the tests) multiplies bf16 tiles' bit patterns in
+# tl.dot (triton-lang/triton#11584, "not supported yet"): there the kernel upcasts the tiles to
+# fp32 first, which gives the same exact products the GPU's bf16 tensor cores do.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# 64 x 64 score tiles, 4 warps (128 threads): the fp32 tile is 32 registers a thread and a q tile
+# 64 x 128 in bf16 (D=96 padded) 32 more, far from spilling; at T=1024 the grid is 16 query blocks
+# x B*H (6144 programs for the 124M model at B=32) over 132 SMs, and the diagonal tile's masked
+# half is ~6% of an average block's products. Not tuned: bench/probe.py measures it.
+PROBE_BLOCK_M, PROBE_BLOCK_N, PROBE_NUM_WARPS = 64, 64, 4
+
+if triton is not None:
+
+    @triton.jit
+    def _block_max_logits_kernel(
+        q_ptr, k_ptr, out_ptr, n_head, T, D,
+        q_stride_b, q_stride_h, q_stride_t, q_stride_d,
+        k_stride_b, k_stride_h, k_stride_t, k_stride_d,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # Program (m, bh): query rows m * BLOCK_M.. of batch bh // n_head, head bh % n_head.
+        m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = (bh // n_head).to(tl.int64), (bh % n_head).to(tl.int64)  # int64: offsets past 2^31
+        first_row = m * BLOCK_M
+        rows = first_row + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        in_head = dims < D  # BLOCK_D is D rounded up to a power of 2; the padding loads as 0
+        q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + rows[:, None] * q_stride_t + dims[None, :] * q_stride_d,
+                    mask=(rows[:, None] < T) & in_head[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_head = k_ptr + b * k_stride_b + h * k_stride_h
+        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        # Key blocks wholly left of the block's first row: every row sees every key, no mask.
+        diagonal = first_row // BLOCK_N * BLOCK_N
+        for start in range(0, diagonal, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            k_t = tl.load(k_head + keys[None, :] * k_stride_t + dims[:, None] * k_stride_d,
+                          mask=in_head[:, None], other=0.0)
+            if UPCAST:
+                k_t = k_t.to(tl.float32)
+            scores = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+            row_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # Key blocks crossing the diagonal, up to the block's last row: keys after a row are
+        # masked (which masks keys >= T too). Blocks wholly above the diagonal are never loaded.
+        for start in range(diagonal, tl.minimum(first_row + BLOCK_M, T), BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            k_t = tl.load(k_head + keys[None, :] * k_stride_t + dims[:, None] * k_stride_d,
+                          mask=(keys[None, :] < T) & in_head[:, None], other=0.0)
+            if UPCAST:
+                k_t = k_t.to(tl.float32)
+            scores = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+            scores = tl.where(keys[None, :] <= rows[:, None], scores, float("-inf"))
+            row_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # Rows past T were loaded as zeros and scored 0 against real keys: a false max if all
+        # real logits are negative.
+        row_max = tl.where(rows < T, row_max, float("-inf"))
+        tl.store(out_ptr + bh * tl.num_programs(0) + m, tl.max(row_max, axis=0))
+
+    # An opaque custom op, neither a torch.compiler.disable'd function (a graph break at every
+    # layer's probe) nor a torch.library.triton_op (Inductor would inline the launch, but tracing
+    # one needs a real GPU kernel, so the compile path could not be tested under the CPU
+    # interpreter). torch.compile sees an op whose output shape the fake below gives, keeps the
+    # forward one graph and calls the op as it is; inlining would only save the launch's
+    # dispatch, microseconds a layer.
+    @torch.library.custom_op("gpt::block_max_logits", mutates_args=())
+    def _block_max_logits(q: Tensor, k: Tensor) -> Tensor:
+        """The largest unscaled causal logit of each PROBE_BLOCK_M query rows: (B * H, n_blocks) fp32."""
+        B, H, T, D = q.shape
+        out = torch.empty(B * H, triton.cdiv(T, PROBE_BLOCK_M), dtype=torch.float32, device=q.device)
+        _block_max_logits_kernel[(out.size(1), B * H)](
+            q, k, out, H, T, D, *q.stride(), *k.stride(),
+            BLOCK_M=PROBE_BLOCK_M, BLOCK_N=PROBE_BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot needs each side >= 16
+            # Triton's default for fp32 operands is TF32 (10-bit mantissas); the probe must be exact.
+            # bf16 and fp16 products are exact in fp32 anyway.
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 or TRITON_INTERPRETED else "tf32",
+            UPCAST=TRITON_INTERPRETED,
+            num_warps=PROBE_NUM_WARPS,
+        )
+        return out
+
+    @_block_max_logits.register_fake
+    def _(q: Tensor, k: Tensor) -> Tensor:
+        B, H, T, _ = q.shape
+        return q.new_empty(B * H, triton.cdiv(T, PROBE_BLOCK_M), dtype=torch.float32)
 
 
 def _norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:

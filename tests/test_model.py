@@ -1,7 +1,13 @@
 """model.py against the formulas, written out here independently, on tiny CPU models."""
 
 import dataclasses
+import importlib.util
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -183,6 +189,117 @@ def test_sequence_longer_than_block_size_is_refused():
     model = GPT(tiny("mla"))
     with pytest.raises(ValueError, match="block_size"):
         model(tokens(1, 33))
+
+
+# ----------------------------------------------------------------------------------------------
+# The probe's Triton kernel, on CPU through Triton's interpreter
+
+# TRITON_INTERPRET must be set before triton is imported, so the kernel runs in a fresh process.
+# It prints, per case, the kernel's maxima and the chunked path's; the test compares them here.
+INTERPRETED_PROBE = r'''
+import json
+import torch
+import model
+
+torch.manual_seed(0)
+SCALE = 0.125
+
+
+def bthd(B, T, H, D):
+    """(B, H, T, D) as the model makes it: a transposed view of (B, T, H, D)."""
+    return torch.randn(B, T, H, D).transpose(1, 2)
+
+
+def mla_like(B, H, T):
+    """q, k (B, H, T, 96) as MLA makes them (k's last 32 features start as one key shared by all
+    heads), with logits planted where block edges could go wrong. T >= 61, H <= 3."""
+    q = torch.randn(B, T, H, 96)
+    k = torch.cat([torch.randn(B, T, H, 64), torch.randn(B, T, 1, 32).expand(-1, -1, H, -1)], dim=-1)
+    q[..., :2], k[..., :2] = 0, 0  # features 0 and 1 carry the planted logits only (the rest: max ~ 45)
+    for i, j in ((0, T - 2), (50, 60)):  # 400 from keys after their query: the mask must hide them
+        q[:, i, :, 0], k[:, j, :, 0] = 20, 20
+    # Each head's max, 144: the last row's own key, just left of the diagonal, far left of it.
+    for h, (i, j) in enumerate([(T - 1, T - 1), (60, 55), (T - 1, 3)][:H]):
+        q[:, i, h, 1], k[:, j, h, 1] = 12, 12
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def case(q, k, dtype, chunk_size=16):
+    q, k = q.to(dtype), k.to(dtype)
+    unmasked = (q.float() @ k.float().transpose(-2, -1)).amax(dim=(0, 2, 3)) * SCALE
+    return dict(
+        triton=model.triton_max_causal_logits(q, k, SCALE).tolist(),
+        chunked=model.chunked_max_causal_logits(q, k, SCALE, chunk_size).tolist(),
+        # bf16 products are exact in fp32, so this is what the kernel computes, bar summation order.
+        chunked_fp32=model.chunked_max_causal_logits(q.float(), k.float(), SCALE, chunk_size).tolist(),
+        unmasked=unmasked.tolist(), dtype=str(dtype),
+    )
+
+
+results = {}
+for dtype in (torch.float32, torch.bfloat16):
+    results[f"mla T=100 {dtype}"] = case(*mla_like(2, 3, 100), dtype)
+results["mha T=192 (three blocks)"] = case(bthd(1, 192, 2, 64), bthd(1, 192, 2, 64), torch.float32, 50)
+k = torch.randn(2, 100, 1, 64).expand(-1, -1, 3, -1).transpose(1, 2)  # one key head for all (stride 0)
+results["mha T=100 bf16, shared k"] = case(bthd(2, 100, 3, 64), k, torch.bfloat16)
+# All logits negative: rows past T (zeros in the kernel) must not report 0.
+q, k = torch.randn(2, 3, 100, 64).abs(), -torch.randn(2, 3, 100, 64).abs()
+results["negative logits, contiguous"] = case(q, k, torch.float32)
+results["one token, D=8"] = case(bthd(2, 1, 3, 8), bthd(2, 1, 3, 8), torch.float32)
+# Query and key blocks of different heights: the diagonal blocks are not aligned.
+for model.PROBE_BLOCK_M, model.PROBE_BLOCK_N in ((16, 32), (32, 16)):
+    name = f"mla T=100, blocks {model.PROBE_BLOCK_M} x {model.PROBE_BLOCK_N}"
+    results[name] = case(*mla_like(1, 3, 100), torch.float32)
+model.PROBE_BLOCK_M, model.PROBE_BLOCK_N = 64, 64
+
+# In the model: CPU tensors dispatch to the chunked path, so point the probe at the kernel, then
+# compile the forward as one graph (aot_eager: the tracing and fake shapes Inductor would see).
+config = model.CONFIGS["tiny-mla"]  # q/k width 16 + 8 = 24
+gpt = model.GPT(config)
+with torch.no_grad():  # no zero-initialised matrices: the second layer sees the first's output
+    for p in gpt.parameters():
+        if p.ndim == 2:
+            p.normal_(std=p.size(1) ** -0.5)
+idx = torch.randint(0, config.vocab_size, (2, 100))
+_, chunked = gpt(idx, probe=True)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    _, chunked_bf16 = gpt(idx, probe=True)
+model.max_causal_logits = lambda q, k, scale, chunk_size: model.triton_max_causal_logits(q, k, scale)
+compiled = torch.compile(gpt, backend="aot_eager", fullgraph=True)
+_, kernel = compiled(idx, probe=True)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    _, kernel_bf16 = gpt(idx, probe=True)
+results["tiny-mla model, compiled"] = dict(triton=kernel.tolist(), chunked=chunked.tolist(), dtype="torch.float32")
+results["tiny-mla model, bf16 autocast"] = dict(triton=kernel_bf16.tolist(), chunked=chunked_bf16.tolist(),
+                                                dtype="torch.bfloat16")
+print(json.dumps(results))
+'''
+
+# bf16 keeps 8 significant bits, so rounding to nearest moves a value by at most 2^-8 of it: the
+# chunked path rounds the fp32 max once to bf16, the kernel keeps it. 1e-5 covers fp32 summation
+# order (the kernel and torch's matmul add a row's products in different orders).
+FP32_RTOL = 1e-5
+BF16_RTOL = 2 ** -8 + FP32_RTOL
+
+
+def test_triton_probe_equals_chunked_probe_under_the_interpreter():
+    if importlib.util.find_spec("triton") is None:
+        pytest.fail("triton is not installed (pip install -r requirements.txt): the probe's kernel goes untested")
+    run = subprocess.run([sys.executable, "-c", INTERPRETED_PROBE], cwd=pathlib.Path(__file__).parent.parent,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout.splitlines()[-1])
+    assert len(results) == 10
+    for name, r in results.items():
+        kernel, chunked = torch.tensor(r["triton"]), torch.tensor(r["chunked"])
+        rtol = BF16_RTOL if r["dtype"] == "torch.bfloat16" else FP32_RTOL
+        torch.testing.assert_close(kernel, chunked, rtol=rtol, atol=0, msg=lambda m: f"{name}: {m}")
+        if "chunked_fp32" in r:
+            torch.testing.assert_close(kernel, torch.tensor(r["chunked_fp32"]), rtol=FP32_RTOL, atol=0,
+                                       msg=lambda m: f"{name}, against fp32: {m}")
+    for name in ("mla T=100 torch.float32", "mla T=100 torch.bfloat16"):  # the planted logit is masked
+        assert (torch.tensor(results[name]["unmasked"]) > torch.tensor(results[name]["triton"]) + 10).all()
+    assert max(results["negative logits, contiguous"]["triton"]) < 0
 
 
 # ----------------------------------------------------------------------------------------------
