@@ -1,0 +1,385 @@
+"""train.py end to end on CPU: the demo learns, W&B gets every key, two gloo ranks match one process,
+a resumed run repeats the uninterrupted one exactly, bad configs and non-finite losses stop cleanly."""
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from data.demo import ensure_demo_shards
+from data.shard import write_shard
+from model import CONFIGS
+
+REPO = Path(__file__).resolve().parent.parent
+# A tiny run: bytes tokenizer, 2 micro-steps of 4 x 32 per step, MuonClip with a tau it will hit.
+TINY_TOML = """
+[model]
+preset = "tiny-mla"
+block_size = 32
+
+[data]
+dir = "{data_dir}"
+train_files = "train_*.bin"
+val_files = "val_*.bin"
+tokenizer = "bytes"
+seq_len = 32
+val_tokens = 512
+
+[optim]
+lr = 0.05
+embed_lr = 0.3
+head_lr = 0.01
+muon_clip = true
+muon_clip_tau = 0.8
+
+[schedule]
+steps = 6
+warmup_steps = 1
+cooldown_frac = 0.5
+momentum_warmup_steps = 4
+
+[train]
+run_dir = "{run_dir}"
+batch_tokens = 256
+micro_batch_size = 4
+compile = false
+bf16 = false
+checkpoint_every = 3
+
+[log]
+every = 1
+val_every = 3
+heatmap_every = 3
+sample_every = 3
+prompts = ["The capital of France is"]
+sample_mode = "sampled"
+max_new_tokens = 4
+wandb = "disabled"
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Byte-level shards with learnable structure: repeated words, in shuffled order."""
+    out = tmp_path_factory.mktemp("tiny_data")
+    rng = np.random.default_rng(0)
+    words = [w.encode() for w in "the cat sat on a mat and the dog ran to it".split()]
+    text = b" ".join(words[i] for i in rng.integers(0, len(words), 12_000))
+    tokens = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+    write_shard(out / "train_000000.bin", tokens[:-4000])
+    write_shard(out / "val_000000.bin", tokens[-4000:])
+    return out
+
+
+def tiny_config(tmp_path, data_dir, run_dir="run", **replace):
+    text = TINY_TOML.format(data_dir=data_dir, run_dir=tmp_path / run_dir)
+    for key, value in replace.items():  # "section__key" = TOML value text
+        section, name = key.split("__")
+        text = re.sub(rf"(\[{section}\][^\[]*?)^{name} = [^\n]*", rf"\g<1>{name} = {value}", text, count=1, flags=re.M)
+    path = tmp_path / f"{run_dir}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["train/loss"] for row in metrics(run_dir) if "train/loss" in row}
+
+
+def read_wandb_records(run_dir: Path) -> list:
+    """Every record of the single offline run under run_dir/wandb, parsed with wandb's protobuf.
+
+    The .wandb file is a LevelDB-style log: a 7-byte header (":W&B", 0xBEE1, version), then 32 KiB
+    blocks of chunks, each with a 7-byte header (crc32, little-endian uint16 length, type: 1 full,
+    2 first, 3 middle, 4 last); a block's tail shorter than a header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding to the end of the block
+            pos += block - pos % block
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return ensure_demo_shards(tmp_path_factory.mktemp("demo") / "shards")
+
+
+def test_demo_config_learns_and_wandb_offline_run_has_every_key(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "demo"
+    train.main(["--config", str(REPO / "configs/demo.toml"), "--data.dir", str(demo_dir), "--train.run_dir", str(run_dir),
+                "--schedule.steps=30", "--schedule.momentum_warmup_steps=10", "--log.every=5", "--log.val_every=15",
+                "--log.heatmap_every=15", "--log.sample_every=15", "--log.max_new_tokens=8",
+                "--train.checkpoint_every=0", "--optim.muon_clip_tau=2.0"])
+    losses = list(train_losses(run_dir).values())
+    assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, losses
+    vals = [row["val/loss"] for row in metrics(run_dir) if "val/loss" in row]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 1.0, vals
+    assert (run_dir / "ckpt_000030.pt").is_file()
+
+    records = read_wandb_records(run_dir)
+    history = [{item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    keys = set().union(*history)
+    n_layer, n_head = 4, CONFIGS["tiny-mla"].n_head
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "val/loss",
+                "attn/max_logit", "attn/clipped_heads", "attn/max_logit_heatmap/_type", "samples/completions/_type"}
+    expected |= {f"attn/max_logit/layer_{i}" for i in range(n_layer)}
+    assert expected <= keys, expected - keys
+    assert sum("train/loss" in row for row in history) == 6
+    clipped = [json.loads(row["attn/clipped_heads"]) for row in history if "attn/clipped_heads" in row]
+    assert max(clipped) > 0  # tau 2 is low enough to clip
+    # The run config is the full resolved config, the model preset's values included.
+    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "run"
+              for item in r.run.config.update}
+    assert config["optim"]["muon_clip_tau"] == 2.0 and config["model"]["n_layer"] == n_layer
+    assert config["model"]["n_head"] == n_head and config["world_size"] == 1
+
+    media = next(run_dir.glob("wandb/offline-run-*/files/media"))
+    heatmaps = sorted(media.rglob("*.html"))
+    assert len(heatmaps) == 2 and all(h.read_text().count("<rect") == n_layer * n_head for h in heatmaps)
+    tables = [json.loads(p.read_text()) for p in media.rglob("*.table.json")]
+    table = max(tables, key=lambda t: len(t["data"]))  # the last one logged holds every row so far
+    assert table["columns"] == ["step", "prompt", "mode", "completion"]
+    assert {row[0] for row in table["data"]} == {15, 30}  # the history of completions
+    assert "The capital of France is" in {row[1] for row in table["data"]}
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tiny_data, tmp_path):
+    straight = tiny_config(tmp_path, tiny_data, "straight")
+    train.main(["--config", straight])
+    # A crash after step 3: a new run dir holding only the step-3 checkpoint, resumed with "latest".
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    (resumed_dir / "ckpt_000003.pt").write_bytes((tmp_path / "straight" / "ckpt_000003.pt").read_bytes())
+    train.main(["--config", straight, "--train.run_dir", str(resumed_dir), "--resume", "latest"])
+
+    expected, got = train_losses(tmp_path / "straight"), train_losses(resumed_dir)
+    assert list(expected) == [1, 2, 3, 4, 5, 6] and list(got) == [4, 5, 6]
+    assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]  # bit for bit
+    clipped = [row["attn/clipped_heads"] for row in metrics(tmp_path / "straight") if "attn/clipped_heads" in row]
+    assert sum(clipped) > 0  # MuonClip acted, so its effect is part of what resumed exactly
+    a = torch.load(tmp_path / "straight" / "ckpt_000006.pt", weights_only=True)
+    b = torch.load(resumed_dir / "ckpt_000006.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["loader"] == b["loader"]
+
+
+def test_resume_from_a_checkpoint_path_uses_its_config_plus_overrides(tiny_data, tmp_path, capsys):
+    train.main(["--config", tiny_config(tmp_path, tiny_data, "first")])
+    checkpoint = tmp_path / "first" / "ckpt_000003.pt"
+    with pytest.raises(train.ConfigError, match="holds checkpoints after step 3"):
+        train.main(["--resume", str(checkpoint)])  # would overwrite ckpt_000006.pt
+    with pytest.raises(train.ConfigError, match=r"(?s)does not fit this config.s model, optimizer or data: .*size mismatch"):
+        train.main(["--resume", str(checkpoint), "--train.run_dir", str(tmp_path / "wide"), "--model.n_embd=32"])
+    assert not (tmp_path / "wide").exists()
+    other = tmp_path / "other"
+    train.main(["--resume", str(checkpoint), "--train.run_dir", str(other), "--log.sample_every=0"])
+    assert "config changed since the checkpoint: train.run_dir" in capsys.readouterr().out
+    assert list(train_losses(other)) == [4, 5, 6]
+    assert train_losses(other) == {s: v for s, v in train_losses(tmp_path / "first").items() if s > 3}
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny_data, tmp_path):
+    config = tiny_config(tmp_path, tiny_data, "one", schedule__steps=2, train__checkpoint_every=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank below: the same kernels, so the same rounding
+    try:
+        train.main(["--config", config])  # 1 process: 2 micro-steps per step
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         "--config", config, "--train.run_dir", str(tmp_path / "two")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cpu x 2, 1 micro-steps" in result.stdout
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2}
+    assert one == pytest.approx(two, rel=1e-6)
+    a = torch.load(tmp_path / "one" / "ckpt_000002.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt_000002.pt", weights_only=True)["model"]
+    # Equal in exact arithmetic: one process accumulates grad(loss / 2) per micro-batch, DDP averages
+    # two grad(loss); halving is exact in floating point and a two-term sum has one order. So only
+    # last-bit differences are allowed; a missing all-reduce, overlapping data shards or a wrong
+    # distributed Muon step moves weights by the size of an update (~1e-3 here).
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    # An absurd head lr: after one step the logits overflow float32 and the loss is nan.
+    config = tiny_config(tmp_path, tiny_data, "diverge", optim__head_lr="1e38", train__checkpoint_every=1)
+    with pytest.raises(train.NonFiniteLoss) as error:
+        train.main(["--config", config])
+    saved = [p.name for p in sorted((tmp_path / "diverge").glob("*.pt*"))]
+    match = re.search(r"step (\d+): training loss is (nan|inf)", str(error.value))
+    assert match, str(error.value)
+    bad_step = int(match.group(1))
+    assert saved == [f"ckpt_{s:06d}.pt" for s in range(1, bad_step)]  # no temporary files either
+    assert f"the last good checkpoint is {tmp_path / 'diverge' / saved[-1]}" in str(error.value)
+    last = torch.load(tmp_path / "diverge" / saved[-1], weights_only=True)
+    assert last["step"] == bad_step - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and command line
+
+
+def test_config_files_in_configs_all_load():
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        cfg = train.build_config(train.read_toml(str(path)), str(path), [])
+        assert cfg.model.n_layer is not None
+    speedrun = train.build_config(train.read_toml(str(REPO / "configs/speedrun.toml")), "speedrun", [])
+    assert train.validate(speedrun, world_size=8, vocab_size=50257) == 2
+    assert speedrun.train.target_val_loss == 3.28 and speedrun.data.val_tokens == 10_485_760
+    gpu = train.build_config(train.read_toml(str(REPO / "configs/gpu.toml")), "gpu", [])
+    assert train.validate(gpu, world_size=1, vocab_size=50257) == 16
+    assert gpu == train.build_config({}, "the defaults", [])  # train.py's defaults are gpu.toml
+    adamw = train.build_config(train.read_toml(str(REPO / "configs/adamw.toml")), "adamw", [])
+    assert adamw.optim.optimizer == "adamw" and train.asdict(adamw.model) == train.asdict(gpu.model)
+
+
+def test_overrides_are_parsed_to_the_keys_types(tiny_data, tmp_path):
+    config = tiny_config(tmp_path, tiny_data)
+    cfg, resume = train.load_run_config(["--config", config, "--optim.lr", "3e-4", "--schedule.steps=9",
+                                         "--train.bf16", "--log.prompts", '["a", "b c"]', "--optim.weight_decay", "-0.5",
+                                         "--model.n_head=2", "--log.wandb=offline"])
+    assert resume is None
+    assert cfg.optim.lr == 3e-4 and cfg.schedule.steps == 9 and cfg.train.bf16 is True
+    assert cfg.log.prompts == ["a", "b c"] and cfg.optim.weight_decay == -0.5 and cfg.log.wandb == "offline"
+    assert cfg.model.n_head == 2 and cfg.model.n_embd == CONFIGS["tiny-mla"].n_embd  # the rest from the preset
+    with pytest.raises(train.ConfigError, match=r"optim.weight_decay = -0.5: expected >= 0"):
+        train.validate(cfg, 1, 257)
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--optim.lrr=1"], r"unknown key optim.lrr; valid keys in \[optim\]: optimizer, lr, weight_decay"),
+    (["--optimm.lr=1"], r"unknown section \[optimm\]; valid sections: model, data, optim, schedule, train, log"),
+    (["--schedule.steps=ten"], r"--schedule.steps=ten: expected int"),
+    (["--train.compile", "maybe"], r"--train.compile=maybe: expected true or false"),
+    (["--log.prompts=hello"], r"--log.prompts=hello: expected a TOML array"),
+    (["--optim.lr"], r"--optim.lr=: expected float"),
+    (["stray"], r"unexpected 'stray'"),
+    (["--train.batch_tokens=300"], r"train.batch_tokens = 300: expected a multiple of world_size 1 x "
+                                   r"train.micro_batch_size 4 x data.seq_len 32 = 128"),
+    (["--data.val_tokens=100"], r"data.val_tokens = 100: expected a multiple"),
+    (["--train.checkpoint_every=3", "--log.every=2"], r"train.checkpoint_every = 3: expected 0 or a multiple of log.every"),
+    (["--model.preset=huge"], r"model.preset = 'huge'; expected one of gpt124m-mla"),
+    (["--model.n_head=0"], r"\[model\] GPTConfig.n_head=0"),
+    (["--data.seq_len=64"], r"data.seq_len = 64: expected 1 .. model.block_size = 32"),
+    (["--data.tokenizer=gpt3"], r"data.tokenizer = 'gpt3'"),
+])
+def test_command_line_errors_name_the_key(tiny_data, tmp_path, argv_tail, message):
+    config = tiny_config(tmp_path, tiny_data)
+    with pytest.raises(train.ConfigError, match=message):
+        train.main(["--config", config] + argv_tail)
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("replace, message", [
+    (dict(optim__lr='"fast"'), r"optim.lr = 'fast' is str; expected float"),
+    (dict(train__compile="1"), r"train.compile = 1 is int; expected bool"),
+    (dict(schedule__steps="6.0"), r"schedule.steps = 6.0 is float; expected int"),
+    (dict(optim__muon_clip_tau="0.8\nlrr = 3"), r"unknown key optim.lrr; valid keys in \[optim\]: optimizer, lr,"),
+    (dict(log__prompts='"just one"'), r"log.prompts = 'just one' is str; expected a list of strings"),
+])
+def test_config_file_errors_name_the_key_and_the_expected_type(tiny_data, tmp_path, replace, message):
+    with pytest.raises(train.ConfigError, match=message):
+        train.main(["--config", tiny_config(tmp_path, tiny_data, **replace)])
+
+
+def test_config_file_errors_for_sections_and_files(tiny_data, tmp_path):
+    config = Path(tiny_config(tmp_path, tiny_data))
+    config.write_text("lr = 1\n" + config.read_text())
+    with pytest.raises(train.ConfigError, match=r"'lr' is not a section; valid sections: model, data"):
+        train.main(["--config", str(config)])
+    with pytest.raises(train.ConfigError, match=r"--config nowhere.toml: no such file"):
+        train.main(["--config", "nowhere.toml"])
+    with pytest.raises(train.ConfigError, match=r"--config FILE is required"):
+        train.main([])
+    with pytest.raises(train.ConfigError, match=r"data.dir = '.*nowhere': no shard files match"):
+        train.main(["--config", tiny_config(tmp_path, tiny_data), "--data.dir", str(tmp_path / "nowhere")])
+    with pytest.raises(train.ConfigError, match=r"--resume latest: no checkpoint"):
+        train.main(["--config", tiny_config(tmp_path, tiny_data), "--resume", "latest"])
+
+
+def test_a_fresh_run_never_writes_over_another_runs_checkpoints(tiny_data, tmp_path):
+    config = tiny_config(tmp_path, tiny_data)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt_000003.pt").write_bytes(b"precious")
+    with pytest.raises(train.ConfigError, match=r"already holds a run \(ckpt_000003.pt\); resume it with"):
+        train.main(["--config", config])
+    assert (tmp_path / "run" / "ckpt_000003.pt").read_bytes() == b"precious"
+    (tmp_path / "crashed").mkdir()  # a run that stopped before its first checkpoint
+    (tmp_path / "crashed" / "metrics.jsonl").write_text('{"step": 0, "val/loss": 5.0}\n')
+    with pytest.raises(train.ConfigError, match=r"already holds a run \(metrics.jsonl\)"):
+        train.main(["--config", config, "--train.run_dir", str(tmp_path / "crashed")])
+
+
+def test_the_script_reports_errors_in_one_line_without_a_traceback(tiny_data, tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--config", tiny_config(tmp_path, tiny_data), "--optim.lrr=1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: command line: unknown key optim.lrr") and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule and FLOPs
+
+
+def test_trapezoid_schedule_and_momentum_warmup():
+    s = train.ScheduleConfig(steps=10, warmup_steps=2, cooldown_frac=0.4, min_lr_frac=0.1,
+                             momentum_start=0.85, momentum_warmup_steps=4)
+    factors = [train.lr_factor(step, s) for step in range(10)]
+    assert factors == pytest.approx([0.5, 1, 1, 1, 1, 1, 1.0, 0.1 + 0.9 * 3 / 4, 0.1 + 0.9 * 2 / 4, 0.1 + 0.9 / 4])
+    cfg = train.Config(schedule=s)
+    model = torch.nn.Linear(4, 4, bias=False)
+    optimizer = torch.optim.SGD([dict(params=model.parameters(), use_muon=True, base_lr=2.0)], lr=1.0)
+    moments = []
+    for step in (0, 2, 4, 8):
+        train.set_schedule(optimizer, cfg, step)
+        moments.append(optimizer.param_groups[0]["momentum"])
+    assert moments == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * factors[8])
+
+
+def test_flops_per_token_is_nanogpts_for_mha_and_uses_mla_widths():
+    mha, mla = CONFIGS["gpt124m-mha"], CONFIGS["gpt124m-mla"]
+    L, H, T, N = 12, 12, 1024, 85_000_000
+    assert train.flops_per_token(mha, N, T) == 6 * N + 12 * L * H * 64 * T  # nanoGPT's estimate_mfu
+    assert train.flops_per_token(mla, N, T) == 6 * N + 6 * L * H * T * ((64 + 32) + 64)

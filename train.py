@@ -1,0 +1,902 @@
+"""Train a GPT with Muon (+ AdamW for embeddings, head and gains) and MuonClip, on CPU, one GPU or many.
+
+    python train.py --config configs/demo.toml                       # small model, CPU, minutes, no download
+    python train.py --config configs/gpu.toml                        # 124M MLA on one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --config configs/speedrun.toml   # to val loss 3.28
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        train.py --config configs/speedrun.toml                      # on every node: multi-node
+
+Any config key can be set on the command line, after or instead of the TOML value:
+
+    python train.py --config configs/gpu.toml --optim.lr=0.03 --schedule.steps 2000 --train.compile=false
+    python train.py --config configs/gpu.toml --log.prompts '["Once upon a time", "The capital of France is"]'
+
+Values are parsed to the key's type (bool: true/false, lists as TOML arrays); an unknown key or a
+wrong type stops the run before any work, naming the key and listing the valid ones.
+
+Resume (the same loss curve as an uninterrupted run):
+
+    python train.py --config configs/gpu.toml --resume latest        # newest checkpoint in train.run_dir
+    python train.py --resume runs/gpu/ckpt_001000.pt                 # config saved in the checkpoint
+    python train.py --resume runs/gpu/ckpt_001000.pt --schedule.steps 4000   # ... with a change
+
+Everything a run writes goes to train.run_dir: ckpt_NNNNNN.pt (model, optimizer, step, loader
+position, RNG states, config), metrics.jsonl (every logged scalar, one JSON object per line; after
+a resume, keep the last row of a step) and wandb/ (log.wandb = "auto": online when logged in, else
+offline; "disabled" turns it off; W&B failures never stop training). Only rank 0 prints and
+writes. Under torchrun every rank runs this file; gradient accumulation keeps train.batch_tokens
+per optimizer step whatever the number of ranks.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import tomllib
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import muon
+from data.demo import ensure_demo_shards
+from data.loader import TrainLoader, ValLoader
+from data.tokenizer import TOKENIZERS, get_tokenizer
+from model import CONFIGS, GPT, GPTConfig
+
+# ----------------------------------------------------------------------------------------------
+# Config: typed sections, read from TOML, then command-line overrides. The defaults are configs/gpu.toml.
+
+# [model]: a named model.CONFIGS entry, then any GPTConfig field to change in it. Built from
+# GPTConfig itself so the two never drift; None means "the preset's value". vocab_size is not
+# a key: it comes from the tokenizer.
+ModelConfig = dataclasses.make_dataclass("ModelConfig", [("preset", str, field(default="gpt124m-mla"))] + [
+    (f.name, f.type, field(default=None)) for f in fields(GPTConfig) if f.name != "vocab_size"
+])
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/cache/fineweb10B"        # folder of shard files
+    train_files: str = "fineweb_train_*.bin"  # glob inside dir
+    val_files: str = "fineweb_val_*.bin"      # glob inside dir
+    demo: bool = False                        # build data.demo's byte-level shards in dir on first use
+    tokenizer: str = "gpt2"                   # "gpt2" or "bytes": the shards' tokenizer; sets the vocab
+    tokenizer_file: str = ""                  # local r50k_base.tiktoken, for "gpt2" without network
+    seq_len: int = 1024
+    val_tokens: int = 10_485_760              # validate on the first this-many val tokens
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "muon"        # hidden matrices: "muon", or "adamw" (the baseline)
+    lr: float = 0.05               # hidden matrices
+    weight_decay: float = 0.0      # hidden matrices
+    lr_rule: str = "original"      # Muon's per-shape lr: "original" or "match_rms_adamw" (see muon.py)
+    momentum: float = 0.95         # Muon's, after [schedule] momentum warmup
+    nesterov: bool = True
+    ns_coefficients: str = "classic"  # Newton-Schulz: "classic" or "polar_express"
+    ns_steps: int = 5
+    embed_lr: float = 0.6          # token embedding (AdamW)
+    head_lr: float = 0.008         # output head (AdamW)
+    scalar_lr: float = 0.04        # norm gains (AdamW)
+    adamw_weight_decay: float = 0.0  # embedding, head and gains
+    adamw_beta1: float = 0.8
+    adamw_beta2: float = 0.95
+    adamw_eps: float = 1e-10
+    grad_clip: float = 0.0         # max global gradient norm; 0 = off (the norm is logged either way)
+    muon_clip: bool = True         # MuonClip: after every step, QK-clip each head whose max logit > tau
+    muon_clip_tau: float = 100.0
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 3200              # optimizer steps
+    warmup_steps: int = 0          # linear lr warmup from 0
+    cooldown_frac: float = 0.4     # linear lr cooldown over this last fraction of the steps ...
+    min_lr_frac: float = 0.0       # ... down to this fraction of the lr
+    momentum_start: float = 0.85   # Muon momentum goes linearly from this to optim.momentum ...
+    momentum_warmup_steps: int = 300  # ... over these steps
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/gpu"      # checkpoints, metrics.jsonl, wandb/
+    batch_tokens: int = 524_288    # global batch per optimizer step, in tokens, whatever the world size
+    micro_batch_size: int = 32     # sequences per rank per forward pass
+    seed: int = 0                  # weight init and data order
+    compile: bool = True           # torch.compile the model and Muon's Newton-Schulz
+    bf16: bool = True              # bf16 autocast
+    checkpoint_every: int = 500    # steps; 0 = only at the end; a multiple of log.every
+    target_val_loss: float = 0.0   # stop once val loss <= this and report the time; 0 = off
+
+
+@dataclass
+class LogConfig:
+    every: int = 10                # steps per console line / W&B point
+    val_every: int = 125           # steps; 0 = only at the end
+    heatmap_every: int = 250       # steps per layer x head max-logit picture; 0 = off; a multiple of every
+    sample_every: int = 500        # steps per prompt completions; 0 = only at the end
+    prompts: list[str] = field(default_factory=lambda: ["The capital of France is", "Once upon a time,",
+                                                        "The meaning of life is"])
+    sample_mode: str = "both"      # "greedy", "sampled" or "both"
+    max_new_tokens: int = 32
+    temperature: float = 0.8       # sampled completions
+    top_k: int = 50                # sampled completions; 0 = the whole vocabulary
+    wandb: str = "auto"            # "auto" (online if logged in, else offline), "online", "offline", "disabled"
+    wandb_project: str = "muon-speedrun"
+    wandb_name: str = ""           # "" = the run dir's name
+    peak_flops: float = 989e12     # per device, for MFU: H100 bf16 dense
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+class ConfigError(ValueError):
+    """Bad config or command line: raised before any work starts."""
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def key_type(section: str, key: str, source: str) -> type:
+    if section not in SECTIONS:
+        raise ConfigError(f"{source}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}")
+    hints = typing.get_type_hints(SECTIONS[section])
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys in [{section}]: {', '.join(hints)}")
+    return hints[key]
+
+
+def checked(value, typ: type, key: str, source: str):
+    """value if it has type typ (an int is a float too), else a ConfigError naming key and type."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: is_number and isinstance(value, int), float: is_number,
+          str: isinstance(value, str)}.get(typ)
+    if ok is None:  # list[str], the only other type in use
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise ConfigError(f"{source}: {key} = {value!r} is {type(value).__name__}; expected {type_name(typ)}")
+    return float(value) if typ is float else value
+
+
+def type_name(typ: type) -> str:
+    return "a list of strings" if typ == list[str] else typ.__name__
+
+
+def parse_text(text: str | None, typ: type, key: str):
+    """A command-line value converted to typ; a bare --flag means true for a bool key."""
+    if text is None and typ is bool:
+        return True
+    try:
+        if text is None:
+            raise ValueError
+        if typ is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if typ in (int, float, str):
+            return typ(text)
+        if typ == list[str]:
+            return tomllib.loads(f"value = {text}")["value"]
+        raise ValueError
+    except (ValueError, tomllib.TOMLDecodeError):
+        example = {bool: "true or false", list[str]: 'a TOML array like ["a", "b"]'}.get(typ, type_name(typ))
+        raise ConfigError(f"command line: --{key}={text if text is not None else ''}: expected {example}") from None
+
+
+def build_config(raw: dict, source: str, overrides: list[tuple[str, str | None]]) -> Config:
+    """The Config of a TOML-shaped dict with command-line overrides on top, the model preset resolved."""
+    for name, values in raw.items():
+        if name not in SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"{source}: {name!r} is not a section; valid sections: {', '.join(SECTIONS)}")
+    raw = {name: dict(values) for name, values in raw.items()}
+    for dotted, text in overrides:
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = parse_text(text, key_type(section, key, "command line"), dotted)
+    source += " + command line" if overrides else ""
+    sections = {}
+    for name, values in raw.items():
+        for key, value in values.items():
+            values[key] = checked(value, key_type(name, key, source), f"{name}.{key}", source)
+        sections[name] = SECTIONS[name](**values)
+    cfg = Config(**sections)
+    if cfg.model.preset not in CONFIGS:
+        raise ConfigError(f"{source}: model.preset = {cfg.model.preset!r}; expected one of {', '.join(CONFIGS)}")
+    preset = CONFIGS[cfg.model.preset]
+    for f in fields(cfg.model):
+        if getattr(cfg.model, f.name) is None:
+            setattr(cfg.model, f.name, getattr(preset, f.name))
+    return cfg
+
+
+def gpt_config(cfg: Config, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in asdict(cfg.model).items() if k != "preset"})
+
+
+def require(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+
+def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
+    """Check every value and how they fit together; returns the gradient accumulation steps."""
+    d, o, s, t, lg = cfg.data, cfg.optim, cfg.schedule, cfg.train, cfg.log
+    try:
+        model_cfg = gpt_config(cfg, vocab_size)
+    except ValueError as e:
+        raise ConfigError(f"[model] {e}") from None
+    require(d.tokenizer in TOKENIZERS, "data.tokenizer", d.tokenizer, f"one of {TOKENIZERS}")
+    require(not d.demo or d.tokenizer == "bytes", "data.tokenizer", d.tokenizer, '"bytes" with data.demo = true')
+    require(0 < d.seq_len <= model_cfg.block_size, "data.seq_len", d.seq_len,
+            f"1 .. model.block_size = {model_cfg.block_size}")
+    for key in ("lr", "weight_decay", "embed_lr", "head_lr", "scalar_lr", "adamw_weight_decay", "grad_clip"):
+        require(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), ">= 0")
+    require(o.optimizer in ("muon", "adamw"), "optim.optimizer", o.optimizer, '"muon" or "adamw"')
+    require(o.lr_rule in muon.LR_RULES, "optim.lr_rule", o.lr_rule, f"one of {muon.LR_RULES}")
+    require(o.ns_coefficients in muon.NS_COEFFICIENTS, "optim.ns_coefficients", o.ns_coefficients,
+            f"one of {tuple(muon.NS_COEFFICIENTS)}")
+    try:
+        muon.ns_schedule(o.ns_coefficients, o.ns_steps)
+    except ValueError as e:
+        raise ConfigError(f"optim.ns_steps: {e}") from None
+    for key in ("momentum", "adamw_beta1", "adamw_beta2"):
+        require(0 <= getattr(o, key) < 1, f"optim.{key}", getattr(o, key), "in [0, 1)")
+    require(o.adamw_eps > 0 and o.muon_clip_tau > 0, "optim.adamw_eps / optim.muon_clip_tau",
+            (o.adamw_eps, o.muon_clip_tau), "both > 0")
+    require(s.steps > 0, "schedule.steps", s.steps, "> 0")
+    require(0 <= s.cooldown_frac <= 1, "schedule.cooldown_frac", s.cooldown_frac, "in [0, 1]")
+    require(0 <= s.warmup_steps <= s.steps - round(s.cooldown_frac * s.steps), "schedule.warmup_steps",
+            s.warmup_steps, "0 .. schedule.steps minus the cooldown steps (warmup and cooldown must not overlap)")
+    require(0 <= s.min_lr_frac <= 1, "schedule.min_lr_frac", s.min_lr_frac, "in [0, 1]")
+    require(0 <= s.momentum_start < 1, "schedule.momentum_start", s.momentum_start, "in [0, 1)")
+    require(s.momentum_warmup_steps >= 0, "schedule.momentum_warmup_steps", s.momentum_warmup_steps, ">= 0")
+    require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "> 0")
+    per_micro_step = world_size * t.micro_batch_size * d.seq_len
+    require(t.batch_tokens > 0 and t.batch_tokens % per_micro_step == 0, "train.batch_tokens", t.batch_tokens,
+            f"a multiple of world_size {world_size} x train.micro_batch_size {t.micro_batch_size} x data.seq_len "
+            f"{d.seq_len} = {per_micro_step}")
+    require(d.val_tokens > 0 and d.val_tokens % per_micro_step == 0, "data.val_tokens", d.val_tokens,
+            f"a multiple of world_size x train.micro_batch_size x data.seq_len = {per_micro_step}")
+    require(lg.every > 0, "log.every", lg.every, "> 0")
+    require(t.checkpoint_every >= 0 and t.checkpoint_every % lg.every == 0, "train.checkpoint_every",
+            t.checkpoint_every, f"0 or a multiple of log.every = {lg.every} (a checkpoint follows a finite-loss check)")
+    require(lg.heatmap_every >= 0 and lg.heatmap_every % lg.every == 0, "log.heatmap_every", lg.heatmap_every,
+            f"0 or a multiple of log.every = {lg.every} (the max logits are measured on logged steps)")
+    for key in ("val_every", "sample_every", "top_k"):
+        require(getattr(lg, key) >= 0, f"log.{key}", getattr(lg, key), ">= 0")
+    require(all(lg.prompts), "log.prompts", lg.prompts, "non-empty strings")
+    require(lg.sample_mode in ("greedy", "sampled", "both"), "log.sample_mode", lg.sample_mode,
+            '"greedy", "sampled" or "both"')
+    require(lg.max_new_tokens > 0 and lg.temperature > 0, "log.max_new_tokens / log.temperature",
+            (lg.max_new_tokens, lg.temperature), "both > 0")
+    require(lg.wandb in ("auto", "online", "offline", "disabled"), "log.wandb", lg.wandb,
+            '"auto", "online", "offline" or "disabled"')
+    require(lg.peak_flops > 0, "log.peak_flops", lg.peak_flops, "> 0")
+    return t.batch_tokens // per_micro_step
+
+
+def split_argv(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str | None]]]:
+    """({"config": ..., "resume": ...}, [("section.key", text or None)]) from the command line."""
+    flags, overrides, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected {arg!r}; expected --config FILE, --resume CHECKPOINT|latest "
+                              "or --section.key=value")
+        name, has_value, text = arg[2:].partition("=")
+        if not has_value:  # --key value, or a bare --flag
+            has_next = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            text = argv[i + 1] if has_next else None
+            i += has_next
+        i += 1
+        if name in ("config", "resume"):
+            if text is None:
+                raise ConfigError(f"command line: --{name} needs a value")
+            flags[name] = text
+        elif "." in name:
+            overrides.append((name, text))
+        else:
+            raise ConfigError(f"command line: unknown option --{name}; expected --config, --resume or --section.key")
+    return flags, overrides
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+
+
+def load_run_config(argv: list[str]) -> tuple[Config, Path | None]:
+    """The run's Config and the checkpoint to resume from, if any."""
+    flags, overrides = split_argv(argv)
+    resume = flags.get("resume")
+    if "config" in flags:
+        cfg = build_config(read_toml(flags["config"]), flags["config"], overrides)
+    elif resume and resume != "latest":
+        cfg = build_config(read_checkpoint(Path(resume))["config"], f"{resume} (its saved config)", overrides)
+    else:
+        raise ConfigError("command line: --config FILE is required (or --resume CHECKPOINT, which brings its config)")
+    if resume == "latest":
+        found = checkpoints(Path(cfg.train.run_dir))
+        if not found:
+            raise ConfigError(f"--resume latest: no checkpoint (ckpt_*.pt) in train.run_dir = {cfg.train.run_dir}")
+        return cfg, found[-1][1]
+    return cfg, Path(resume) if resume else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and data
+
+
+def setup_device(world_size: int) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left under bf16 autocast
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def load_tokenizer(cfg: Config):
+    try:
+        return get_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_file or None)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ConfigError(f"data.tokenizer = {cfg.data.tokenizer!r}, data.tokenizer_file = "
+                          f"{cfg.data.tokenizer_file!r}: {e}") from None
+
+
+def build_loaders(cfg: Config, rank: int, world_size: int, device: torch.device, vocab_size: int):
+    d, t = cfg.data, cfg.train
+    if d.demo:
+        ensure_demo_shards(d.dir)
+    try:
+        train = TrainLoader(Path(d.dir) / d.train_files, t.micro_batch_size, d.seq_len, rank, world_size, t.seed, device)
+        val = ValLoader(Path(d.dir) / d.val_files, d.val_tokens, t.micro_batch_size, d.seq_len, rank, world_size, device)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.dir = {d.dir!r}: {e} (FineWeb: python -m data.fineweb; or set data.demo = true)") from None
+    largest = int(val.tokens.max())
+    if largest >= vocab_size:  # else an embedding index error mid-step
+        raise ConfigError(f"data: the val shards hold token id {largest}, but data.tokenizer = {d.tokenizer!r} has "
+                          f"{vocab_size} tokens; were the shards made with another tokenizer?")
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs, optimizers, schedule
+
+
+def flops_per_token(model_cfg: GPTConfig, n_params: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6 per weight of every matmul, plus attention's QK^T and AV.
+
+    n_params is every parameter but the token embedding (a lookup); the head counts, as the tied
+    wte does in nanoGPT. Attention is counted over the full T x T like nanoGPT's 12 L H Q T, with
+    MLA's q/k width (nope + rope) and v width: 2 FLOPs x 3 (fwd + bwd) x T x H x (qk + v) per layer.
+    """
+    if model_cfg.attention == "mla":
+        qk, v = model_cfg.qk_nope_head_dim + model_cfg.qk_rope_head_dim, model_cfg.v_head_dim
+    else:
+        qk = v = model_cfg.head_dim
+    return 6 * n_params + 6 * model_cfg.n_layer * model_cfg.n_head * seq_len * (qk + v)
+
+
+def build_optimizer(cfg: Config, model: GPT) -> muon.Muon:
+    """One muon.Muon: hidden matrices (Muon, or AdamW for the baseline), then AdamW groups for the
+    embedding, the head and the gains, whose good learning rates are orders of magnitude apart."""
+    o = cfg.optim
+    hidden, others = muon.hybrid_param_groups(model, adamw_names=("lm_head",))
+    embed = [(n, p) for n, p in others["params"] if n.startswith("wte.")]
+    head = [(n, p) for n, p in others["params"] if n.startswith("lm_head.")]
+    gains = [(n, p) for n, p in others["params"] if not n.startswith(("wte.", "lm_head."))]
+
+    def adamw(params, lr, weight_decay):
+        return dict(params=params, use_muon=False, base_lr=lr, lr=lr, weight_decay=weight_decay,
+                    betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps)
+    matrices = (dict(params=hidden["params"], use_muon=True, base_lr=o.lr) if o.optimizer == "muon"
+                else adamw(hidden["params"], o.lr, o.weight_decay))
+    groups = [matrices, adamw(embed, o.embed_lr, o.adamw_weight_decay), adamw(head, o.head_lr, o.adamw_weight_decay),
+              adamw(gains, o.scalar_lr, o.adamw_weight_decay)]
+    return muon.Muon([g for g in groups if g["params"]], lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                     nesterov=o.nesterov, ns_steps=o.ns_steps, ns_coefficients=o.ns_coefficients,
+                     lr_rule=o.lr_rule, compile_ns=cfg.train.compile)
+
+
+def lr_factor(step: int, s: ScheduleConfig) -> float:
+    """The speedrun's trapezoid: linear warmup, constant, linear cooldown over the last cooldown_frac."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    cooldown_steps = round(s.cooldown_frac * s.steps)
+    steps_left = s.steps - step  # this one included
+    if steps_left > cooldown_steps:
+        return 1.0
+    return s.min_lr_frac + (1 - s.min_lr_frac) * steps_left / cooldown_steps
+
+
+def set_schedule(optimizer: muon.Muon, cfg: Config, step: int) -> None:
+    """Every group's lr for this step, and Muon's warming-up momentum."""
+    s = cfg.schedule
+    warmed = min(step / s.momentum_warmup_steps, 1.0) if s.momentum_warmup_steps else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, s)
+        if group["use_muon"]:
+            group["momentum"] = s.momentum_start + (cfg.optim.momentum - s.momentum_start) * warmed
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step, validation, completions
+
+
+def autocast(cfg: Config, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+
+
+def train_step(model, raw_model: GPT, optimizer: muon.Muon, batches, cfg: Config, step: int, grad_accum: int,
+               probe: bool, measure_grad_norm: bool):
+    """One optimizer step over grad_accum micro-batches. Returns device tensors (no sync):
+    mean loss, grad norm (or None), max logits (n_layer, n_head) over the step (or None), clipped heads (or None)."""
+    device = raw_model.lm_head.weight.device
+    set_schedule(optimizer, cfg, step)
+    loss_sum, max_logits = torch.zeros((), device=device), None
+    for micro_step in range(grad_accum):
+        x, y = next(batches)
+        # DDP all-reduces the gradients in the backward of the last micro-step only.
+        last = micro_step == grad_accum - 1
+        with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+            with autocast(cfg, device):
+                out = model(x, y, probe=probe)
+            loss, micro_max = out if probe else (out, None)
+            (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+        if probe:
+            max_logits = micro_max if max_logits is None else torch.maximum(max_logits, micro_max)
+    if probe and dist.is_initialized():
+        dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)  # every rank must clip the same heads
+    params = [p for p in raw_model.parameters() if p.grad is not None]
+    grad_norm = None
+    if cfg.optim.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    elif measure_grad_norm:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    clipped = muon.qk_clip_(raw_model.attention_heads(), max_logits, cfg.optim.muon_clip_tau) if cfg.optim.muon_clip else None
+    return loss_sum / grad_accum, grad_norm, max_logits, clipped
+
+
+@torch.no_grad()
+def evaluate(model, val_loader: ValLoader, cfg: Config, device: torch.device) -> float:
+    """Mean loss over the fixed val tokens, averaged over ranks."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for x, y in val_loader:
+        with autocast(cfg, device):
+            total += model(x, y)
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)  # a sum: gloo has no AVG
+        total /= dist.get_world_size()
+    return total.item() / len(val_loader)
+
+
+@torch.no_grad()
+def complete_prompts(raw_model: GPT, tokenizer, cfg: Config, device: torch.device) -> list[tuple[str, str, str]]:
+    """(prompt, mode, completion) for every prompt and mode, from the uncompiled model."""
+    modes = ["greedy", "sampled"] if cfg.log.sample_mode == "both" else [cfg.log.sample_mode]
+    rows = []
+    raw_model.eval()
+    for prompt in cfg.log.prompts:
+        idx = torch.tensor(tokenizer.encode_ordinary(prompt), dtype=torch.long, device=device)
+        for mode in modes:
+            with autocast(cfg, device):
+                out = raw_model.generate(idx, cfg.log.max_new_tokens, temperature=cfg.log.temperature,
+                                         top_k=cfg.log.top_k or None, greedy=mode == "greedy")
+            rows.append((prompt, mode, tokenizer.decode(out[len(idx):].tolist())))
+    raw_model.train()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: config -> data -> model -> optimizer -> loop
+
+
+def main(argv: list[str]) -> None:
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cfg, resume_path = load_run_config(argv)
+    tokenizer = load_tokenizer(cfg)
+    grad_accum = validate(cfg, world_size, tokenizer.n_vocab)
+    checkpoint = read_checkpoint(resume_path) if resume_path else None
+    check_run_dir(cfg, checkpoint["step"] if checkpoint else None)
+    device = setup_device(world_size)
+    try:
+        run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing: a rank that tears down early can abort its peers
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size):
+    train_loader, val_loader = build_loaders(cfg, rank, world_size, device, tokenizer.n_vocab)
+    model_cfg = gpt_config(cfg, tokenizer.n_vocab)
+    torch.manual_seed(cfg.train.seed)
+    raw_model = GPT(model_cfg).to(device)
+    optimizer = build_optimizer(cfg, raw_model)
+    step, train_time = 0, 0.0
+    if checkpoint:
+        config_groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
+        try:
+            raw_model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            train_loader.load_state_dict(checkpoint["loader"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"--resume {resume_path} does not fit this config's model, optimizer or data: {e}") from None
+        for group, values in zip(optimizer.param_groups, config_groups):
+            group.update(values)  # the config sets hyperparameters; the checkpoint brings the state
+        set_rng_state(checkpoint["rng"], device)
+        step, train_time = checkpoint["step"], checkpoint["train_time_s"]
+    compiled = torch.compile(raw_model) if cfg.train.compile else raw_model
+    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else compiled
+
+    n_params = raw_model.num_params(non_embedding=True)
+    flops = flops_per_token(model_cfg, n_params, cfg.data.seq_len)
+    run_config = {**asdict(cfg), "world_size": world_size, "grad_accum": grad_accum, "params": raw_model.num_params(),
+                  "params_non_embedding": n_params, "flops_per_token": flops,
+                  "resumed_from": str(resume_path) if resume_path else ""}
+    log = RunLog(cfg, rank == 0, run_config)
+    log.print(f"{cfg.model.preset}: {raw_model.num_params() / 1e6:.2f}M parameters ({n_params / 1e6:.2f}M non-embedding), "
+              f"{flops / 1e6:.0f} MFLOP/token | {device} x {world_size}, {grad_accum} micro-steps of "
+              f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} per step | {cfg.train.run_dir}")
+    if checkpoint:
+        log.print(f"resumed from {resume_path} at step {step}")
+        changed = {k: (a, b) for k, (a, b) in zip_flat(checkpoint["config"], asdict(cfg)) if a != b}
+        for key, (before, after) in changed.items():
+            log.print(f"  config changed since the checkpoint: {key}: {before!r} -> {after!r}")
+    exit_code = 1
+    try:
+        train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loader, tokenizer, log,
+                   device, grad_accum, flops, world_size, step, train_time)
+        exit_code = 0
+    finally:
+        log.finish(exit_code)
+
+
+def zip_flat(a: dict, b: dict, prefix: str = ""):
+    """(dotted key, (a's value, b's value)) for every key of two nested config dicts."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from zip_flat(x, y, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", (x, y)
+
+
+def train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loader, tokenizer, log,
+               device, grad_accum, flops, world_size, step, train_time):
+    s, lg, t = cfg.schedule, cfg.log, cfg.train
+    run_dir = Path(t.run_dir)
+    clock, wall_start = TrainClock(device, train_time), time.perf_counter()
+    last_saved = (checkpoints(run_dir) or [None])[-1]  # (step, path)
+    target_reached = False
+    # This log interval's losses, max logits and clipped heads stay on the device until it ends.
+    losses, max_logits, clipped = [], None, None
+    interval_start = (step, clock.total)
+
+    def save():
+        nonlocal last_saved
+        clock.stop()
+        if log.enabled and (last_saved is None or last_saved[0] != step):
+            path = run_dir / f"ckpt_{step:06d}.pt"
+            save_checkpoint(path, {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "loader": train_loader.state_dict(), "rng": rng_state(device),
+                                   "config": asdict(cfg), "train_time_s": clock.total})
+            last_saved = (step, path)
+
+    while True:
+        last = step == s.steps
+        if (lg.val_every and step % lg.val_every == 0) or last:
+            clock.stop()
+            started = time.perf_counter()
+            val_loss = evaluate(compiled, val_loader, cfg, device)
+            log.scalars(step, {"val/loss": val_loss})
+            log.print(f"step {step:5d}/{s.steps} | val loss {val_loss:.4f} ({time.perf_counter() - started:.1f}s)")
+            if t.target_val_loss and val_loss <= t.target_val_loss:
+                log.print(f"target val loss {t.target_val_loss} reached at step {step}: {clock.total:.1f}s of training "
+                          f"(validation, completions and checkpoints excluded; compilation included), "
+                          f"{time.perf_counter() - wall_start:.1f}s wall")
+                log.summary({"target/step": step, "target/train_time_s": clock.total})
+                last = target_reached = True
+        if (lg.sample_every and step % lg.sample_every == 0 and step > 0) or last:
+            clock.stop()
+            log.completions_table(step, complete_prompts(raw_model, tokenizer, cfg, device) if log.enabled else [])
+        if last:
+            save()
+            if t.target_val_loss and not target_reached:
+                log.print(f"target val loss {t.target_val_loss} not reached in {s.steps} steps")
+            log.print(f"done: step {step}, {clock.total:.1f}s of training, {time.perf_counter() - wall_start:.1f}s wall")
+            return
+
+        clock.start()
+        flush = (step + 1) % lg.every == 0 or step + 1 == s.steps
+        # Without MuonClip the probe runs on logged steps only, which then report their own max logits.
+        loss, grad_norm, step_max, step_clipped = train_step(
+            model, raw_model, optimizer, train_loader, cfg, step, grad_accum,
+            probe=cfg.optim.muon_clip or flush, measure_grad_norm=flush)
+        step += 1
+        losses.append(loss)
+        if step_max is not None:
+            max_logits = step_max if max_logits is None else torch.maximum(max_logits, step_max)
+        if step_clipped is not None:
+            clipped = step_clipped if clipped is None else clipped + step_clipped
+        if not flush:
+            continue
+
+        clock.stop()
+        values = torch.stack(losses)
+        if world_size > 1:  # so every rank sees the same losses and stops at the same step
+            dist.all_reduce(values)
+            values /= world_size
+        values = values.tolist()  # the one wait for the device per log interval
+        check_finite(values, step, last_saved)
+        steps_done, seconds = step - interval_start[0], clock.total - interval_start[1]
+        tokens_per_s = steps_done * t.batch_tokens / seconds
+        mfu = flops * tokens_per_s / (lg.peak_flops * world_size)
+        lr = optimizer.param_groups[0]["lr"]  # the hidden matrices'
+        row = {"train/loss": sum(values) / len(values), "train/lr": lr, "train/grad_norm": grad_norm.item(),
+               "train/tokens_per_s": tokens_per_s, "train/mfu": mfu, "train/time_s": clock.total,
+               **attention_metrics(max_logits, clipped)}
+        log.scalars(step, row)
+        log.print(f"step {step:5d}/{s.steps} | loss {row['train/loss']:.4f} | lr {lr:.2e} | "
+                  f"{tokens_per_s / 1e3:.1f}K tok/s | MFU {100 * mfu:.1f}% | max logit {row['attn/max_logit']:.1f}"
+                  + (f" ({row['attn/clipped_heads']} clipped)" if clipped is not None else "")
+                  + f" | ETA {duration((s.steps - step) * seconds / steps_done)}")
+        if lg.heatmap_every and step % lg.heatmap_every == 0:
+            log.heatmap(step, max_logits.tolist())
+        losses, max_logits, clipped = [], None, None
+        interval_start = (step, clock.total)
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            save()
+
+
+class NonFiniteLoss(RuntimeError):
+    """A nan or inf training loss: the run stops, and what it saved before stays the last checkpoint."""
+
+
+def check_finite(losses: list[float], step: int, last_saved: tuple[int, Path] | None) -> None:
+    """Stop at the first non-finite loss of the interval that ended at step, before anything is saved."""
+    for i, value in enumerate(losses):
+        if not math.isfinite(value):
+            kept = (f"the last good checkpoint is {last_saved[1]} (step {last_saved[0]})" if last_saved
+                    else "no checkpoint had been written")
+            raise NonFiniteLoss(f"step {step - len(losses) + i + 1}: training loss is {value}; "
+                                f"stopped without saving this state; {kept}")
+
+
+def attention_metrics(max_logits: torch.Tensor, clipped: torch.Tensor | None) -> dict:
+    """The largest attention logit overall and per layer, and how many heads MuonClip clipped."""
+    per_layer = max_logits.amax(dim=1).tolist()
+    row = {"attn/max_logit": max(per_layer), **{f"attn/max_logit/layer_{i}": v for i, v in enumerate(per_layer)}}
+    if clipped is not None:  # summed over the interval's steps
+        row["attn/clipped_heads"] = int(clipped)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: console, metrics.jsonl and Weights & Biases, on rank 0
+
+
+class RunLog:
+    """Rank 0's outputs; on other ranks every method does nothing."""
+
+    def __init__(self, cfg: Config, enabled: bool, run_config: dict):
+        self.enabled, self.wandb_run, self.completions = enabled, None, []
+        if not enabled:
+            return
+        self.run_dir = Path(cfg.train.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.wandb_run = start_wandb(cfg, self.run_dir, run_config)
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb_run:
+            self.wandb_run.log(values, step=step)
+
+    def heatmap(self, step: int, max_logits: list[list[float]]) -> None:
+        if self.wandb_run:
+            import wandb
+            self.wandb_run.log({"attn/max_logit_heatmap": wandb.Html(heatmap_svg(max_logits, step), inject=False)}, step=step)
+
+    def completions_table(self, step: int, rows: list[tuple[str, str, str]]) -> None:
+        if not self.enabled or not rows:
+            return
+        for prompt, mode, completion in rows:
+            self.print(f"  [{mode}] {prompt!r} -> {completion!r}")
+        self.completions += [(step, *row) for row in rows]
+        if self.wandb_run:  # W&B tables are immutable: log all rows so far, so the latest shows the history
+            import wandb
+            table = wandb.Table(columns=["step", "prompt", "mode", "completion"], data=self.completions)
+            self.wandb_run.log({"samples/completions": table}, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.wandb_run:
+            self.wandb_run.summary.update(values)
+
+    def finish(self, exit_code: int) -> None:
+        if self.wandb_run:
+            self.wandb_run.finish(exit_code=exit_code)
+
+
+def start_wandb(cfg: Config, run_dir: Path, run_config: dict):
+    """A wandb run, or None: W&B trouble changes what is logged, never the training itself."""
+    if cfg.log.wandb == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("warning: the wandb package is not installed; logging to the console and metrics.jsonl only")
+        return None
+    try:
+        mode = cfg.log.wandb
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
+        return wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_name or run_dir.name, group=run_dir.name,
+                          dir=run_dir, config=run_config, mode=mode)
+    except Exception as e:
+        print(f"warning: wandb.init failed ({type(e).__name__}: {e}); continuing with W&B disabled")
+        return None
+
+
+def heatmap_svg(max_logits: list[list[float]], step: int) -> str:
+    """Layers as rows, heads as columns, white (0) to red (the largest), each cell labelled.
+    SVG inside wandb.Html needs no image package (wandb.Image needs Pillow)."""
+    cell, left, top = 44, 40, 34
+    largest = max(max(row) for row in max_logits) or 1.0
+    parts = [f'<text x="{left}" y="14" font-size="13">max attention logit, step {step} (rows: layers, columns: heads)</text>']
+    for h in range(len(max_logits[0])):
+        parts.append(f'<text x="{left + h * cell + cell // 2}" y="{top - 4}" font-size="10" text-anchor="middle">h{h}</text>')
+    for layer, row in enumerate(max_logits):
+        y = top + layer * cell
+        parts.append(f'<text x="{left - 4}" y="{y + cell // 2 + 4}" font-size="10" text-anchor="end">L{layer}</text>')
+        for h, value in enumerate(row):
+            fade = round(255 * (1 - max(value, 0.0) / largest))
+            parts.append(f'<rect x="{left + h * cell}" y="{y}" width="{cell}" height="{cell}" '
+                         f'fill="rgb(255,{fade},{fade})" stroke="#ccc"><title>layer {layer} head {h}: {value:.2f}</title></rect>'
+                         f'<text x="{left + h * cell + cell // 2}" y="{y + cell // 2 + 4}" font-size="10" '
+                         f'text-anchor="middle">{value:.1f}</text>')
+    width, height = left + cell * len(max_logits[0]) + 4, top + cell * len(max_logits) + 4
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{"".join(parts)}</svg>'
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+class TrainClock:
+    """Seconds spent training: validation, completions and checkpoints are left out, as the speedrun times it."""
+
+    def __init__(self, device: torch.device, total: float):
+        self.device, self.total, self.started = device, total, None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        if self.started is None:
+            self._sync()
+            self.started = time.perf_counter()
+
+    def stop(self):
+        if self.started is not None:
+            self._sync()
+            self.total += time.perf_counter() - self.started
+            self.started = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, only by rank 0, never over a later step's.
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in run_dir, oldest first."""
+    found = []
+    for path in run_dir.glob("ckpt_*.pt"):
+        step = path.stem.removeprefix("ckpt_")
+        if step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--resume {path}: no such checkpoint file")
+    try:  # mmap: reading the config does not load a GB of weights
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    # A temporary file in the same directory, renamed over the target: a crash or a full disk
+    # leaves the previous checkpoints whole, never half of a new one.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rng_state(device: torch.device) -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_run_dir(cfg: Config, resume_step: int | None) -> None:
+    """Refuse to write over another run's files: a fresh run needs a run dir without checkpoints or
+    metrics, a resumed one a run dir without checkpoints after its step."""
+    run_dir = Path(cfg.train.run_dir)
+    later = [path.name for step, path in checkpoints(run_dir) if resume_step is None or step > resume_step]
+    if resume_step is None and (run_dir / "metrics.jsonl").exists():
+        later.append("metrics.jsonl")
+    if later:
+        what = "already holds a run" if resume_step is None else f"holds checkpoints after step {resume_step}"
+        raise ConfigError(f"train.run_dir = {cfg.train.run_dir} {what} ({', '.join(later[:3])}); resume it with "
+                          "--resume latest, or set another train.run_dir")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, NonFiniteLoss) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
