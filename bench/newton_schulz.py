@@ -13,11 +13,11 @@ one large square matmul; TFLOP/s counts the NS matmuls only.
 """
 
 import argparse
-import statistics
 
 import torch
 
 import muon
+from bench.timing import median_ms
 
 
 def singular_value_paths(coefficients: str, n: int = 768, steps: int = 5, device="cpu"):
@@ -65,20 +65,6 @@ def plot(results: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
-def cuda_ms(fn, warmup=5, iters=20) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def ns_flops(shape, steps=5) -> float:
     """Matmul FLOPs of `steps` NS steps on an (A, B) matrix, worked on its wide side (m <= n)."""
     m, n = sorted(shape)
@@ -93,15 +79,15 @@ def speed_rows():
     buckets = muon._buckets_by_shape(grads)
     stacks = [torch.stack([muon._as_wide(g) for g in bucket]) for bucket in buckets]
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    rows = [("bf16 matmul 8192^3 (the ceiling)", cuda_ms(lambda: a @ a), 2 * 8192**3)]
+    rows = [("bf16 matmul 8192^3 (the ceiling)", median_ms(lambda: a @ a), 2 * 8192**3)]
     for name in ("classic", "polar_express"):
         rows.append((f"NS {name}, one matrix at a time",
-                     cuda_ms(lambda: [muon.newton_schulz(g, name) for g in grads]), flops))
+                     median_ms(lambda: [muon.newton_schulz(g, name) for g in grads]), flops))
         rows.append((f"NS {name}, batched by shape",
-                     cuda_ms(lambda: [muon.newton_schulz(s, name) for s in stacks]), flops))
+                     median_ms(lambda: [muon.newton_schulz(s, name) for s in stacks]), flops))
     compiled = torch.compile(muon.newton_schulz)
     rows.append(("NS classic, batched, torch.compile",
-                 cuda_ms(lambda: [compiled(s, "classic") for s in stacks]), flops))
+                 median_ms(lambda: [compiled(s, "classic") for s in stacks]), flops))
     return rows
 
 

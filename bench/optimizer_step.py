@@ -10,11 +10,11 @@ the same ones. Prints a table last.
 """
 
 import argparse
-import time
 
 import torch
 
 import muon
+from bench.timing import median_ms
 
 
 def gpt2_small_params(layers: int, d: int, vocab: int, device) -> tuple[list, list]:
@@ -31,26 +31,6 @@ def gpt2_small_params(layers: int, d: int, vocab: int, device) -> tuple[list, li
         matrices += [param(d, d) for _ in range(4)] + [param(4 * d, d), param(d, 4 * d)]
     others = [param(vocab, d), param(1024, d), param(vocab, d)] + [param(d) for _ in range(2 * layers + 1)]
     return matrices, others
-
-
-def time_step(step, device, warmup: int, iters: int) -> float:
-    """Median milliseconds of one call of step()."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(1000 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
 
 
 def ns_one_at_a_time(matrices, coefficients):
@@ -92,16 +72,16 @@ def main():
         torch_adamw.step()
 
     rows = [
-        ("torch.optim.Muon + fused AdamW", time_step(reference, device, args.warmup, args.iters)),
-        ("fused AdamW alone (the non-matrix part)", time_step(torch_adamw.step, device, args.warmup, args.iters)),
-        ("NS classic, one matrix at a time", time_step(lambda: ns_one_at_a_time(matrices, "classic"), device, args.warmup, args.iters)),
-        ("NS classic, batched by shape", time_step(lambda: ns_batched(matrices, "classic"), device, args.warmup, args.iters)),
-        ("muon.Muon step (classic), eager", time_step(ours(False), device, args.warmup, args.iters)),
+        ("torch.optim.Muon + fused AdamW", median_ms(reference, args.warmup, args.iters)),
+        ("fused AdamW alone (the non-matrix part)", median_ms(torch_adamw.step, args.warmup, args.iters)),
+        ("NS classic, one matrix at a time", median_ms(lambda: ns_one_at_a_time(matrices, "classic"), args.warmup, args.iters)),
+        ("NS classic, batched by shape", median_ms(lambda: ns_batched(matrices, "classic"), args.warmup, args.iters)),
+        ("muon.Muon step (classic), eager", median_ms(ours(False), args.warmup, args.iters)),
     ]
     if args.compile:
-        rows.append(("muon.Muon step (classic), compile_ns", time_step(ours(True), device, args.warmup, args.iters)))
+        rows.append(("muon.Muon step (classic), compile_ns", median_ms(ours(True), args.warmup, args.iters)))
     baseline = rows[0][1]
-    print(f"\n| what | ms per step | vs torch.optim.Muon + AdamW |\n|---|---:|---:|")
+    print("\n| what | ms per step | vs torch.optim.Muon + AdamW |\n|---|---:|---:|")
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} | {baseline / ms:.1f}x |")
 

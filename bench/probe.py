@@ -13,30 +13,15 @@ percentage of attention fwd+bwd (DESIGN.md: the probe should stay under 5% of a 
 """
 
 import argparse
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import model
+from bench.timing import median_ms
 
 WIDTHS = {"gpt124m-mla": (96, 64), "gpt124m-mha": (64, 64)}  # q/k width, v width per head
-
-
-def median_ms(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of one call of fn(), by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def heads(B: int, T: int, H: int, D: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
