@@ -15,7 +15,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from data import fineweb, prepare
 from data.demo import ensure_demo_shards
 from data.loader import TrainLoader, ValLoader
-from data.shard import MAGIC, read_header, read_shard, write_shard
+from data.shard import read_header, read_shard, write_shard
 from data.tokenizer import get_tokenizer
 
 EOT = 256  # end-of-text of the bytes tokenizer

@@ -1,0 +1,241 @@
+"""Muon against AdamW on the hidden matrices: the same MLA model, data and steps, each at its best lr.
+
+    python -m bench.muon_vs_adamw                       # CUDA: ~30M-parameter MLA on .devdata/corpus, ~8 min on an H100
+    python -m bench.muon_vs_adamw --smoke               # CPU: tiny MLA on the byte-level demo data, seconds
+    python -m bench.muon_vs_adamw --data-dir DIR --out bench/results/muon_vs_adamw.png
+
+The corpus is a folder of GPT-2-token shards, train_*.bin and val_*.bin (copy ../shared/corpus to
+.devdata/corpus). The model is model.CONFIGS["gpt124m-mla"] cut down to d=384, 6 layers, 6 heads.
+For each optimizer, short runs at three hidden-matrix lrs pick the one with the lowest final val
+loss; then both run the full length at their pick. The embedding, head and gain lrs (AdamW in both
+runs) stay at train.py's defaults: only what the optimizer choice changes is swept. MuonClip is off
+in both, so the comparison is the optimizer alone.
+
+Training goes through train.py's own build_optimizer, train_step and evaluate, so what is measured
+is what `python train.py` runs. Wall time is train.TrainClock's: training only, validation left
+out, compilation (with --compile) included. Writes a two-panel plot (val loss against tokens and
+against seconds) and prints a table last, with the tokens Muon needs to reach AdamW's final val
+loss (Moonlight, arXiv 2502.16982, reports ~0.52x of AdamW's compute at its scale).
+"""
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+import train
+from data.demo import ensure_demo_shards
+from data.tokenizer import GPT2_EOT_ID, bytes_tokenizer
+from model import GPT
+
+# No tokenizer is loaded (the benchmark never decodes), so gpt2 needs no rank file.
+VOCAB_SIZES = {"gpt2": GPT2_EOT_ID + 1, "bytes": bytes_tokenizer().n_vocab}
+
+# The full-size run: sized so that 6 sweep runs and 2 full runs fit ~8 minutes of an H100 (eager, bf16).
+FULL = dict(
+    model=dict(preset="gpt124m-mla", n_layer=6, n_head=6, n_embd=384, kv_lora_rank=128),
+    seq_len=1024, micro_batch_size=32, batch_tokens=65536, val_tokens=786432,
+    sweep_steps=80, steps=300, eval_every=25,
+    lrs={"muon": [0.02, 0.04, 0.08], "adamw": [1e-3, 2e-3, 4e-3]},
+)
+# CPU smoke: the tiny preset on the demo bytes, a handful of steps.
+SMOKE = dict(
+    model=dict(preset="tiny-mla", block_size=64),
+    seq_len=64, micro_batch_size=8, batch_tokens=512, val_tokens=2048,
+    sweep_steps=4, steps=12, eval_every=4,
+    lrs={"muon": [0.02, 0.05], "adamw": [3e-3, 1e-2]},
+)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke numbers, not GPU results)"
+
+
+def make_config(plan: dict, data_dir: str, tokenizer: str, optimizer: str, lr: float, steps: int,
+                compile: bool, device: torch.device, muon_clip: bool = False, tau: float = 100.0) -> train.Config:
+    """A train.Config built the way a TOML file is, so presets and checks are train.py's."""
+    raw = {
+        "model": dict(plan["model"]),
+        "data": dict(dir=data_dir, train_files="train_*.bin", val_files="val_*.bin", tokenizer=tokenizer,
+                     seq_len=plan["seq_len"], val_tokens=plan["val_tokens"]),
+        # The AdamW baseline's betas and decay are configs/adamw.toml's; Muon keeps train.py's defaults.
+        "optim": dict(optimizer=optimizer, lr=lr, muon_clip=muon_clip, muon_clip_tau=tau,
+                      **(dict(weight_decay=0.1, adamw_beta1=0.9) if optimizer == "adamw" else {})),
+        # Warmup helps AdamW, and short runs need the momentum warmup short too.
+        "schedule": dict(steps=steps, warmup_steps=max(1, steps // 20) if optimizer == "adamw" else 0,
+                         momentum_warmup_steps=min(300, steps // 4)),
+        "train": dict(batch_tokens=plan["batch_tokens"], micro_batch_size=plan["micro_batch_size"],
+                      compile=compile, bf16=device.type == "cuda"),
+        "log": dict(wandb="disabled"),
+    }
+    return train.build_config(raw, "bench", [])
+
+
+def train_run(cfg: train.Config, device: torch.device, eval_every: int, probe_every: int = 0,
+              probe: bool = False, on_step=None) -> dict:
+    """Train cfg from scratch with train.py's functions; returns the curves.
+
+    val: [(step, tokens, train seconds, val loss)] every eval_every steps and at the end;
+    train_loss, max_logit (the step's largest attention logit, measured before the step; only with
+    probe or MuonClip) and clipped_heads (only with MuonClip): one value per step. on_step(step, model,
+    batches) runs after each optimizer step, off the clock, with that step's micro-batches.
+    """
+    vocab_size = VOCAB_SIZES[cfg.data.tokenizer]
+    grad_accum = train.validate(cfg, 1, vocab_size)
+    train_loader, val_loader = train.build_loaders(cfg, 0, 1, device, vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    raw_model = GPT(train.gpt_config(cfg, vocab_size)).to(device)
+    optimizer = train.build_optimizer(cfg, raw_model)
+    model = torch.compile(raw_model) if cfg.train.compile else raw_model
+    batches = RememberingLoader(train_loader)
+    clock = train.TrainClock(device, 0.0)
+    val, losses, max_logits, clipped = [], [], [], []
+    for step in range(cfg.schedule.steps + 1):
+        if step % eval_every == 0 or step == cfg.schedule.steps:
+            clock.stop()
+            val.append((step, step * cfg.train.batch_tokens, clock.total, train.evaluate(model, val_loader, cfg, device)))
+        if step == cfg.schedule.steps:
+            break
+        clock.start()
+        batches.seen.clear()
+        loss, _, step_max, step_clipped = train.train_step(model, raw_model, optimizer, batches, cfg, step, grad_accum,
+                                                probe=probe or cfg.optim.muon_clip, measure_grad_norm=False)
+        losses.append(loss)  # device tensors: one sync at the end, not one per step
+        if step_max is not None:
+            max_logits.append(step_max.max())
+        if step_clipped is not None:
+            clipped.append(step_clipped)
+        if on_step is not None:
+            clock.stop()
+            on_step(step, raw_model, batches.seen)
+    clock.stop()
+    return dict(cfg=cfg, val=val, train_loss=torch.stack(losses).tolist(),
+                max_logit=torch.stack(max_logits).tolist() if max_logits else [],
+                clipped_heads=torch.stack(clipped).tolist() if clipped else [], train_s=clock.total,
+                params=raw_model.num_params(), params_non_embedding=raw_model.num_params(non_embedding=True))
+
+
+class RememberingLoader:
+    """The train loader, keeping the micro-batches handed out since seen was last cleared."""
+
+    def __init__(self, loader):
+        self.loader, self.seen = loader, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.loader)
+        self.seen.append(batch)
+        return batch
+
+
+def tokens_to_reach(val: list, target: float) -> float:
+    """Tokens at which a val curve first reaches target, linearly interpolated; nan if never."""
+    for (_, t0, _, l0), (_, t1, _, l1) in zip(val, val[1:]):
+        if l1 <= target:
+            return t1 if l0 == l1 else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return math.nan
+
+
+def sweep(plan, args, device, optimizer: str) -> tuple[float, list]:
+    """(best lr, [(lr, final val loss)]) from short runs; a diverged run counts as +inf."""
+    results = []
+    for lr in plan["lrs"][optimizer]:
+        cfg = make_config(plan, args.data_dir, args.tokenizer, optimizer, lr, plan["sweep_steps"], args.compile, device)
+        final = train_run(cfg, device, eval_every=plan["sweep_steps"])["val"][-1][3]
+        final = final if math.isfinite(final) else math.inf  # nan: diverged
+        print(f"  sweep {optimizer} lr {lr:g}: val loss {final:.4f}", flush=True)
+        results.append((lr, final))
+    return min(results, key=lambda r: r[1])[0], results
+
+
+def plot(runs: dict, out: Path, title: str) -> None:
+    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        _, tokens, seconds, losses = zip(*run["val"])
+        label = f"{name} (lr {run['cfg'].optim.lr:g})"
+        by_tokens.plot([t / 1e6 for t in tokens], losses, marker=".", label=label)
+        by_time.plot(seconds, losses, marker=".", label=label)
+    by_tokens.set(xlabel="training tokens (M)", ylabel="val loss")
+    by_time.set(xlabel="training seconds (validation excluded)", ylabel="val loss")
+    for ax in (by_tokens, by_time):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, demo data, a few steps (CPU)")
+    parser.add_argument("--data-dir", default=None, help="shards train_*.bin, val_*.bin (default .devdata/corpus; "
+                                                         "--smoke: data.demo's shards)")
+    parser.add_argument("--steps", type=int, default=None, help="full-run steps (default: the plan's)")
+    parser.add_argument("--sweep-steps", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile (each of the 8 runs compiles anew)")
+    parser.add_argument("--out", default="bench/results/muon_vs_adamw.png")
+    args = parser.parse_args(argv)
+    plan = dict(SMOKE if args.smoke else FULL)
+    plan["steps"] = args.steps or plan["steps"]
+    plan["sweep_steps"] = args.sweep_steps or plan["sweep_steps"]
+    args.tokenizer = "bytes" if args.smoke else "gpt2"
+    args.data_dir = args.data_dir or (str(ensure_demo_shards()) if args.smoke else ".devdata/corpus")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+    n_sweep = sum(len(v) for v in plan["lrs"].values())
+    print(f"device: {device_name(device)}, torch {torch.__version__}")
+    print(f"model: {plan['model']} | data: {args.data_dir} ({args.tokenizer}) | batch {plan['batch_tokens']:,} tokens "
+          f"of seq {plan['seq_len']}")
+    print(f"plan: sweep {n_sweep} runs x {plan['sweep_steps']} steps "
+          f"({plan['sweep_steps'] * plan['batch_tokens']:,} tokens each): {plan['lrs']}; then 2 runs x "
+          f"{plan['steps']} steps ({plan['steps'] * plan['batch_tokens']:,} tokens each), val loss on "
+          f"{plan['val_tokens']:,} tokens every {plan['eval_every']} steps; "
+          f"{(n_sweep * plan['sweep_steps'] + 2 * plan['steps']) * plan['batch_tokens']:,} training tokens in all",
+          flush=True)
+
+    best, sweeps = {}, {}
+    for optimizer in ("muon", "adamw"):
+        best[optimizer], sweeps[optimizer] = sweep(plan, args, device, optimizer)
+    runs = {}
+    for optimizer in ("muon", "adamw"):
+        cfg = make_config(plan, args.data_dir, args.tokenizer, optimizer, best[optimizer], plan["steps"],
+                          args.compile, device)
+        runs[optimizer] = train_run(cfg, device, eval_every=plan["eval_every"])
+        print(f"  full {optimizer} lr {best[optimizer]:g}: val loss {runs[optimizer]['val'][-1][3]:.4f} "
+              f"in {runs[optimizer]['train_s']:.1f}s", flush=True)
+
+    muon, adamw = runs["muon"], runs["adamw"]
+    adamw_final, adamw_tokens = adamw["val"][-1][3], adamw["val"][-1][1]
+    muon_tokens = tokens_to_reach(muon["val"], adamw_final)
+    ratio = muon_tokens / adamw_tokens
+    out = Path(args.out)
+    plot(runs, out, f"{device_name(device)}: {muon['params'] / 1e6:.1f}M-parameter MLA, "
+                    f"{plan['batch_tokens']:,} tokens/step")
+    print(f"plot: {out}")
+    print(f"\nmodel: {muon['params'] / 1e6:.2f}M parameters ({muon['params_non_embedding'] / 1e6:.2f}M without the "
+          f"token embedding) | device: {device_name(device)}")
+    print("\n| optimizer | lrs swept (final val loss) | best lr | final val loss | training s | tokens to AdamW's "
+          "final val loss |\n|---|---|---:|---:|---:|---:|")
+    for name, run in runs.items():
+        swept = ", ".join(f"{lr:g} ({loss:.3f})" for lr, loss in sweeps[name])
+        reach = muon_tokens if name == "muon" else adamw_tokens
+        reach_text = f"{reach:,.0f}" if math.isfinite(reach) else "not reached"
+        print(f"| {name} | {swept} | {best[name]:g} | {run['val'][-1][3]:.4f} | {run['train_s']:.1f} | {reach_text} |")
+    print(f"| Muon / AdamW tokens | | | | | {ratio:.2f}x |" if math.isfinite(ratio)
+          else "| Muon / AdamW tokens | | | | | Muon did not reach AdamW's final val loss |")
+    return dict(runs=runs, sweeps=sweeps, best=best, ratio=ratio, out=out)
+
+
+if __name__ == "__main__":
+    main()
