@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import muon
 from data.demo import ensure_demo_shards
 from data.loader import TrainLoader, ValLoader
+from data.shard import write_atomically
 from data.tokenizer import TOKENIZERS, get_tokenizer
 from model import CONFIGS, GPT, GPTConfig
 
@@ -610,9 +611,10 @@ def train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loa
         clock.stop()
         if log.enabled and (last_saved is None or last_saved[0] != step):
             path = run_dir / f"ckpt_{step:06d}.pt"
-            save_checkpoint(path, {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "loader": train_loader.state_dict(), "rng": rng_state(device),
-                                   "config": asdict(cfg), "train_time_s": clock.total})
+            state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "loader": train_loader.state_dict(), "rng": rng_state(device),
+                     "config": asdict(cfg), "train_time_s": clock.total}
+            write_atomically(path, lambda f: torch.save(state, f))  # never half a checkpoint
             last_saved = (step, path)
 
     while True:
@@ -845,21 +847,6 @@ def read_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise ConfigError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    # A temporary file in the same directory, renamed over the target: a crash or a full disk
-    # leaves the previous checkpoints whole, never half of a new one.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def rng_state(device: torch.device) -> dict:

@@ -37,14 +37,25 @@ def write_shard(path, tokens):
         raise ValueError(f"{path}: {tokens.size} tokens is more than a shard header can count ({MAX_COUNT})")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, tokens.size
-    # A temp file in the same directory, renamed over the target, means a crash
-    # leaves either the old file or the complete new one, never half a shard.
-    # (Named by hand rather than by tempfile.mkstemp, whose files ignore the umask.)
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    write_atomically(path, write)
+
+
+def write_atomically(path, write):
+    """Call write(f) on a new file beside path, then rename it over path (shards, checkpoints).
+
+    A crash or a full disk leaves either the old file or the complete new one, never half of
+    one. (The temp file is named by hand rather than by tempfile.mkstemp, whose files ignore
+    the umask.)
+    """
+    path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "xb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype("<u2").tobytes())
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
