@@ -146,6 +146,10 @@ def causal_mask(start: int, n_queries: int, n_keys: int, device) -> Tensor:
 
 
 PROBE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the fused kernel takes
+# What max_causal_logits sends to the kernel on a GPU. fp32 goes to the chunked path (cuBLAS):
+# built for sm_90, the kernel's exact fp32 dot runs on CUDA cores and spills (ptxas: 6.4 KB of
+# stack a thread at D=96), where bf16/fp16 use wgmma with no spill (tests/test_model.py checks both).
+PROBE_FUSED_DTYPES = (torch.bfloat16, torch.float16)
 PROBE_MAX_HEAD_DIM = 256  # wider q/k rows fall back to chunks: a padded 64 x 512 q tile plus
                           # pipelined k tiles would not fit in an H100 SM's 227 KB of shared memory
 
@@ -154,12 +158,12 @@ PROBE_MAX_HEAD_DIM = 256  # wider q/k rows fall back to chunks: a padded 64 x 51
 def max_causal_logits(q: Tensor, k: Tensor, scale: float, chunk_size: int) -> Tensor:
     """Per head, the largest logit (q_i . k_j) * scale over the batch and all pairs j <= i: (H,) fp32.
 
-    q, k: (B, H, T, D), any strides. On a GPU with Triton, for bf16/fp16/fp32 and D <= 256, one
+    q, k: (B, H, T, D), any strides. On a GPU with Triton, for bf16/fp16 and D <= 256, one
     fused kernel (triton_max_causal_logits) that never writes a score out; otherwise score tiles
     chunk_size query rows tall (chunked_max_causal_logits). Same maximum up to rounding: the
     kernel keeps it in fp32, the chunked path rounds it once to q's dtype.
     """
-    if triton is not None and q.is_cuda and q.dtype in PROBE_DTYPES and q.size(-1) <= PROBE_MAX_HEAD_DIM:
+    if triton is not None and q.is_cuda and q.dtype in PROBE_FUSED_DTYPES and q.size(-1) <= PROBE_MAX_HEAD_DIM:
         return triton_max_causal_logits(q, k, scale)
     return chunked_max_causal_logits(q, k, scale, chunk_size)
 
@@ -194,8 +198,8 @@ def triton_max_causal_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
     blocks they can see in registers (fp32 accumulation; fp32 inputs in full fp32, not TF32)
     and stores only the block's max: the memory traffic is reading q and k, the work the QK^T
     FLOPs of causal attention (D padded to a power of 2). Bar fp32 summation order it is the
-    exact max; the chunked path's bf16 tiles round it once more. Runs on CUDA, or on CPU
-    tensors under TRITON_INTERPRET=1 (the tests).
+    exact max; the chunked path's bf16 tiles round it once more. Runs on CUDA (fp32 correctly but
+    slowly: see PROBE_FUSED_DTYPES), or on CPU tensors under TRITON_INTERPRET=1 (the tests).
     """
     if triton is None:
         raise RuntimeError("triton_max_causal_logits needs Triton: pip install triton")
@@ -211,10 +215,11 @@ def triton_max_causal_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
 # fp32 first, which gives the same exact products the GPU's bf16 tensor cores do.
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# 64 x 64 score tiles, 4 warps (128 threads): the fp32 tile is 32 registers a thread and a q tile
-# 64 x 128 in bf16 (D=96 padded) 32 more, far from spilling; at T=1024 the grid is 16 query blocks
-# x B*H (6144 programs for the 124M model at B=32) over 132 SMs, and the diagonal tile's masked
-# half is ~6% of an average block's products. Not tuned: bench/probe.py measures it.
+# 64 x 64 score tiles, 4 warps (128 threads). Built for sm_90 as the 124M MLA model launches it
+# (bf16, D=96 padded to 128, unit stride on D), ptxas gives 74 registers a thread, no spill and
+# 64 KB of shared memory for the pipelined tiles: 3 programs fit an SM. At T=1024 the grid is 16
+# query blocks x B*H (6144 programs for the 124M model at B=32) over 132 SMs, and the diagonal
+# tile's masked half is ~6% of an average block's products. Not tuned: bench/probe.py measures it.
 PROBE_BLOCK_M, PROBE_BLOCK_N, PROBE_NUM_WARPS = 64, 64, 4
 
 if triton is not None:
@@ -266,6 +271,17 @@ if triton is not None:
         row_max = tl.where(rows < T, row_max, float("-inf"))
         tl.store(out_ptr + bh * tl.num_programs(0) + m, tl.max(row_max, axis=0))
 
+    def probe_kernel_constants(dtype: torch.dtype, head_dim: int) -> dict:
+        """The kernel's compile-time arguments for q, k of this dtype and head width."""
+        return dict(
+            BLOCK_M=PROBE_BLOCK_M, BLOCK_N=PROBE_BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs each side >= 16
+            # Triton's default for fp32 operands is TF32 (10-bit mantissas); the probe must be exact.
+            # bf16 and fp16 products are exact in fp32 anyway.
+            DOT_PRECISION="ieee" if dtype == torch.float32 or TRITON_INTERPRETED else "tf32",
+            UPCAST=TRITON_INTERPRETED,
+        )
+
     # An opaque custom op, neither a torch.compiler.disable'd function (a graph break at every
     # layer's probe) nor a torch.library.triton_op (Inductor would inline the launch, but tracing
     # one needs a real GPU kernel, so the compile path could not be tested under the CPU
@@ -278,13 +294,7 @@ if triton is not None:
         B, H, T, D = q.shape
         out = torch.empty(B * H, triton.cdiv(T, PROBE_BLOCK_M), dtype=torch.float32, device=q.device)
         _block_max_logits_kernel[(out.size(1), B * H)](
-            q, k, out, H, T, D, *q.stride(), *k.stride(),
-            BLOCK_M=PROBE_BLOCK_M, BLOCK_N=PROBE_BLOCK_N,
-            BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot needs each side >= 16
-            # Triton's default for fp32 operands is TF32 (10-bit mantissas); the probe must be exact.
-            # bf16 and fp16 products are exact in fp32 anyway.
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 or TRITON_INTERPRETED else "tf32",
-            UPCAST=TRITON_INTERPRETED,
+            q, k, out, H, T, D, *q.stride(), *k.stride(), **probe_kernel_constants(q.dtype, D),
             num_warps=PROBE_NUM_WARPS,
         )
         return out

@@ -6,13 +6,16 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module  # the module: most tests here name a GPT `model`
 import muon
 from model import CONFIGS, GPT, GPTConfig
 
@@ -300,6 +303,70 @@ def test_triton_probe_equals_chunked_probe_under_the_interpreter():
     for name in ("mla T=100 torch.float32", "mla T=100 torch.bfloat16"):  # the planted logit is masked
         assert (torch.tensor(results[name]["unmasked"]) > torch.tensor(results[name]["triton"]) + 10).all()
     assert max(results["negative logits, contiguous"]["triton"]) < 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The probe's Triton kernel, built for an H100 (sm_90) by the ptxas in Triton's wheel: no GPU needed
+
+
+def sm90_resources(dtype: torch.dtype, n_head: int, head_dim: int, seq_len: int) -> dict[str, int]:
+    """Registers and stack (spilled) bytes a thread, and shared memory, of the kernel compiled for
+    sm_90 as model_module._block_max_logits launches it on q, k made as attention makes them: a
+    (B, H, T, D) view of (B, T, H, D). The integer arguments are specialised as Triton does at a
+    launch: a 1 becomes a constant, a multiple of 16 is marked divisible (it changes the code)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = model_module._block_max_logits_kernel
+    pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    q = torch.empty(2, seq_len, n_head, head_dim, device="meta").transpose(1, 2)
+    integers = dict(n_head=n_head, T=seq_len, D=head_dim,
+                    **{f"{x}_stride_{dim}": stride for x in "qk" for dim, stride in zip("bhtd", q.stride())})
+    constants = {**{name: 1 for name, value in integers.items() if value == 1},
+                 **model_module.probe_kernel_constants(dtype, head_dim)}
+    signature = dict(q_ptr=pointer, k_ptr=pointer, out_ptr="*fp32", **{name: "i32" for name in integers})
+    signature.update({name: "constexpr" for name in constants})
+    divisible = ["q_ptr", "k_ptr", "out_ptr"] + [name for name, value in integers.items()
+                                                 if value != 1 and value % 16 == 0]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": model_module.PROBE_NUM_WARPS})
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "probe.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+    registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    return dict(registers=registers, stack=stack, shared=compiled.metadata.shared)
+
+
+# (heads, q/k width): gpt124m-mla's, gpt124m-mha's, and the widest the model sends to the kernel.
+H100_PROBE_SHAPES = {"gpt124m-mla": (12, 96), "gpt124m-mha": (12, 64), "widest": (4, model_module.PROBE_MAX_HEAD_DIM)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", H100_PROBE_SHAPES)
+def test_triton_probe_builds_for_h100_without_spilling(dtype, shape):
+    """What the interpreter can't show: the kernel the model launches on a GPU compiles for sm_90,
+    keeps its tiles in registers (a spill to local memory would make the probe memory-bound) and
+    fits an H100 SM's 227 KB of shared memory."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.fail("triton is not installed (pip install -r requirements.txt): the probe's kernel goes untested")
+    usage = sm90_resources(dtype, *H100_PROBE_SHAPES[shape], seq_len=1024)
+    print(f"{shape} {dtype}: {usage}")
+    assert usage["stack"] == 0, usage
+    assert usage["shared"] <= 227 * 1024, usage
+
+
+def test_triton_probe_spills_on_fp32_so_the_model_sends_fp32_to_chunks():
+    """Why model_module.PROBE_FUSED_DTYPES leaves fp32 out. If this fails, Triton builds the exact
+    fp32 dot without spilling now: measure it (bench/probe.py) and let fp32 use the kernel again."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.fail("triton is not installed (pip install -r requirements.txt): the probe's kernel goes untested")
+    assert sm90_resources(torch.float32, *H100_PROBE_SHAPES["gpt124m-mla"], seq_len=1024)["stack"] > 1024
+    assert torch.float32 not in model_module.PROBE_FUSED_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------
