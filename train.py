@@ -28,6 +28,7 @@ writes. Under torchrun every rank runs this file; gradient accumulation keeps tr
 per optimizer step whatever the number of ranks.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -115,6 +116,7 @@ class TrainConfig:
     micro_batch_size: int = 32     # sequences per rank per forward pass
     seed: int = 0                  # weight init and data order
     compile: bool = True           # torch.compile the model and Muon's Newton-Schulz
+    compile_warmup_steps: int = 3  # steps on random tokens before the clock starts, then undone
     bf16: bool = True              # bf16 autocast
     checkpoint_every: int = 500    # steps; 0 = only at the end; a multiple of log.every
     target_val_loss: float = 0.0   # stop once val loss <= this and report the time; 0 = off
@@ -266,6 +268,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
     require(0 <= s.momentum_start < 1, "schedule.momentum_start", s.momentum_start, "in [0, 1)")
     require(s.momentum_warmup_steps >= 0, "schedule.momentum_warmup_steps", s.momentum_warmup_steps, ">= 0")
     require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "> 0")
+    require(t.compile_warmup_steps >= 0, "train.compile_warmup_steps", t.compile_warmup_steps, ">= 0")
     per_micro_step = world_size * t.micro_batch_size * d.seq_len
     require(t.batch_tokens > 0 and t.batch_tokens % per_micro_step == 0, "train.batch_tokens", t.batch_tokens,
             f"a multiple of world_size {world_size} x train.micro_batch_size {t.micro_batch_size} x data.seq_len "
@@ -576,6 +579,10 @@ def run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world
         changed = {k: (a, b) for k, (a, b) in zip_flat(checkpoint["config"], asdict(cfg)) if a != b}
         for key, (before, after) in changed.items():
             log.print(f"  config changed since the checkpoint: {key}: {before!r} -> {after!r}")
+    if cfg.train.compile_warmup_steps:
+        seconds = warm_up(model, compiled, raw_model, optimizer, cfg, grad_accum, device, step)
+        log.print(f"compile warm-up: {cfg.train.compile_warmup_steps} steps and a validation batch on random tokens "
+                  f"in {seconds:.1f}s, then weights, optimizer state and RNG put back (not counted as training)")
     exit_code = 1
     try:
         train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loader, tokenizer, log,
@@ -583,6 +590,37 @@ def run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world
         exit_code = 0
     finally:
         log.finish(exit_code)
+
+
+def warm_up(model, compiled, raw_model: GPT, optimizer: muon.Muon, cfg: Config, grad_accum: int,
+            device: torch.device, step: int) -> float:
+    """Train train.compile_warmup_steps steps and evaluate one batch, all on random tokens, then put
+    the weights, the optimizer state and the RNG back as they were: torch.compile builds its graphs
+    (forward with and without the probe, backward, evaluation, Newton-Schulz) before the clock
+    starts, as modded-nanogpt times its records. Returns the seconds it took."""
+    clock = TrainClock(device, 0.0)
+    clock.start()
+    saved = copy.deepcopy({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "rng": rng_state(device)})
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
+
+    def random_batches():  # inputs and targets two tensors, as the loaders give: compile guards on aliasing
+        while True:
+            yield (torch.randint(raw_model.config.vocab_size, shape, device=device, generator=generator),
+                   torch.randint(raw_model.config.vocab_size, shape, device=device, generator=generator))
+
+    batches = random_batches()
+    for i in range(cfg.train.compile_warmup_steps):
+        # Without MuonClip only logged steps probe: alternate, so both forward graphs get built.
+        train_step(model, raw_model, optimizer, batches, cfg, step, grad_accum,
+                   probe=cfg.optim.muon_clip or i % 2 == 1, measure_grad_norm=i % 2 == 1)
+    evaluate(compiled, [next(batches)], cfg, device)
+    raw_model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"], device)
+    clock.stop()
+    return clock.total
 
 
 def zip_flat(a: dict, b: dict, prefix: str = ""):
@@ -627,7 +665,8 @@ def train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loa
             log.print(f"step {step:5d}/{s.steps} | val loss {val_loss:.4f} ({time.perf_counter() - started:.1f}s)")
             if t.target_val_loss and val_loss <= t.target_val_loss:
                 log.print(f"target val loss {t.target_val_loss} reached at step {step}: {clock.total:.1f}s of training "
-                          f"(validation, completions and checkpoints excluded; compilation included), "
+                          f"(validation, completions and checkpoints excluded; compilation "
+                          f"{'warmed up before, excluded' if t.compile_warmup_steps else 'included'}), "
                           f"{time.perf_counter() - wall_start:.1f}s wall")
                 log.summary({"target/step": step, "target/train_time_s": clock.total})
                 last = target_reached = True

@@ -1,6 +1,7 @@
 """train.py end to end on CPU: the demo learns, W&B gets every key, two gloo ranks match one process,
 a resumed run repeats the uninterrupted one exactly, bad configs and non-finite losses stop cleanly."""
 
+import functools
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import muon
 import train
 from data.demo import ensure_demo_shards
 from data.shard import write_shard
@@ -51,6 +53,7 @@ run_dir = "{run_dir}"
 batch_tokens = 256
 micro_batch_size = 4
 compile = false
+compile_warmup_steps = 0
 bf16 = false
 checkpoint_every = 3
 
@@ -198,6 +201,46 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tiny_data, tmp_path):
     assert a["loader"] == b["loader"]
 
 
+def test_compile_warm_up_leaves_no_trace_in_the_run(tiny_data, tmp_path, capsys):
+    """The warm-up trains on random tokens, MuonClip's clipping included, then undoes it: the run
+    that follows is the run without a warm-up, bit for bit."""
+    cold = tiny_config(tmp_path, tiny_data, "cold")
+    train.main(["--config", cold])
+    train.main(["--config", cold, "--train.run_dir", str(tmp_path / "warm"), "--train.compile_warmup_steps=3"])
+    assert "compile warm-up: 3 steps" in capsys.readouterr().out
+    expected, got = train_losses(tmp_path / "cold"), train_losses(tmp_path / "warm")
+    assert list(got) == [1, 2, 3, 4, 5, 6] and got == expected
+    a = torch.load(tmp_path / "cold" / "ckpt_000006.pt", weights_only=True)
+    b = torch.load(tmp_path / "warm" / "ckpt_000006.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["loader"] == b["loader"]
+
+
+def test_after_the_compile_warm_up_nothing_compiles_again(tiny_data, tmp_path, monkeypatch):
+    """The warm-up is what keeps compilation out of the speedrun's time: every graph the run needs
+    (probe on and off, evaluation, Newton-Schulz) exists when it ends. Dynamo's eager backend builds
+    the same graphs and guards as Inductor without generating code."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(muon, "_compiled_newton_schulz", None)  # not an Inductor one from another test
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    warm_up, built = train.warm_up, {}
+
+    def counting_warm_up(*args, **kwargs):
+        seconds = warm_up(*args, **kwargs)
+        built["by the warm-up"] = graphs["unique_graphs"]
+        return seconds
+
+    monkeypatch.setattr(train, "warm_up", counting_warm_up)
+    # No MuonClip, a log line every 3 steps: the steps between don't run the probe, those logged do.
+    config = tiny_config(tmp_path, tiny_data, train__compile="true", train__compile_warmup_steps="2",
+                         optim__muon_clip="false", log__every="3")
+    train.main(["--config", config])
+    assert built["by the warm-up"] >= 4  # the forward with and without probe, evaluation, NS
+    assert graphs["unique_graphs"] == built["by the warm-up"]
+    assert len(train_losses(tmp_path / "run")) == 2
+
+
 def test_resume_from_a_checkpoint_path_uses_its_config_plus_overrides(tiny_data, tmp_path, capsys):
     train.main(["--config", tiny_config(tmp_path, tiny_data, "first")])
     checkpoint = tmp_path / "first" / "ckpt_000003.pt"
@@ -303,6 +346,7 @@ def test_overrides_are_parsed_to_the_keys_types(tiny_data, tmp_path):
     (["--model.n_head=0"], r"\[model\] GPTConfig.n_head=0"),
     (["--data.seq_len=64"], r"data.seq_len = 64: expected 1 .. model.block_size = 32"),
     (["--data.tokenizer=gpt3"], r"data.tokenizer = 'gpt3'"),
+    (["--train.compile_warmup_steps=-1"], r"train.compile_warmup_steps = -1: expected >= 0"),
 ])
 def test_command_line_errors_name_the_key(tiny_data, tmp_path, argv_tail, message):
     config = tiny_config(tmp_path, tiny_data)
