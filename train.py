@@ -574,6 +574,9 @@ def run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world
     log.print(f"{cfg.model.preset}: {raw_model.num_params() / 1e6:.2f}M parameters ({n_params / 1e6:.2f}M non-embedding), "
               f"{flops / 1e6:.0f} MFLOP/token | {device} x {world_size}, {grad_accum} micro-steps of "
               f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} per step | {cfg.train.run_dir}")
+    per_pass, reads = train_loader.tokens_per_pass(), cfg.schedule.steps * cfg.train.batch_tokens
+    log.print(f"train data: {per_pass:,} tokens a pass over {len(train_loader.files)} shard file(s); "
+              f"{cfg.schedule.steps} steps read {reads:,} tokens, {reads / per_pass:.2f} passes")
     if checkpoint:
         log.print(f"resumed from {resume_path} at step {step}")
         changed = {k: (a, b) for k, (a, b) in zip_flat(checkpoint["config"], asdict(cfg)) if a != b}

@@ -2,10 +2,11 @@
 Download pre-tokenized FineWeb (GPT-2 tokens) from the Hugging Face dataset
 kjj0/fineweb10B-gpt2, the data of the modded-nanogpt speedrun:
 
-    python -m data.fineweb --train-shards 8 --out data/cache/fineweb10B
+    python -m data.fineweb --train-shards 17 --out data/cache/fineweb10B
 
-fetches fineweb_val_000000.bin and fineweb_train_000001.bin .. _000008.bin
-(100M tokens, 200 MB each; 103 train shards exist). Files already present and
+fetches fineweb_val_000000.bin and fineweb_train_000001.bin .. _000017.bin
+(100M tokens, 200 MB each; 103 train shards exist). 17 is what configs/*.toml read
+once: 3200 steps of 524,288 tokens are 1.68B tokens. Files already present and
 complete are skipped, so an interrupted download can simply be run again.
 HF_ENDPOINT and the other huggingface_hub settings apply as usual.
 """
@@ -87,8 +88,9 @@ def offline_message(endpoint, name, error):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-shards", type=int, default=8,
-                        help=f"how many 100M-token train shards, 0..{TRAIN_SHARDS} (default 8)")
+    parser.add_argument("--train-shards", type=int, default=17,
+                        help=f"how many 100M-token train shards, 0..{TRAIN_SHARDS} (default 17: one pass "
+                             "of configs/*.toml's 3200 x 524,288 tokens)")
     parser.add_argument("--out", default=DEFAULT_DIR, help=f"directory for the shards (default {DEFAULT_DIR})")
     args = parser.parse_args(argv)
     try:

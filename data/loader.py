@@ -66,6 +66,10 @@ class TrainLoader:
             )
         self.load_state_dict({"epoch": 0, "shard": 0, "step": 0})
 
+    def tokens_per_pass(self) -> int:
+        """Input tokens all ranks together read in one pass over the shards (an epoch)."""
+        return sum(self.steps) * self.world_size * self.batch_size * self.seq_len
+
     def state_dict(self):
         """Where the next batch comes from; identical on every rank."""
         return {"epoch": self.epoch, "shard": self.shard, "step": self.step}

@@ -324,8 +324,11 @@ def test_two_ranks_never_see_the_same_tokens(train_shards):
         tokens = [torch.cat([x.flatten(), y.flatten()[-1:]]) for x, y in batches(loader, STEPS_PER_EPOCH)]
         tokens = torch.cat(tokens).tolist()
         assert len(tokens) == len(set(tokens)) == STEPS_PER_EPOCH * CHUNK  # one epoch: no chunk twice
+        assert loader.state_dict() == {"epoch": 0, "shard": 2, "step": 1}  # the last batch of the epoch
         seen.append(set(tokens))
     assert not seen[0] & seen[1]
+    # What train.py reports as a pass: both ranks' input tokens (a chunk's last token is a target only).
+    assert loader.tokens_per_pass() == 2 * STEPS_PER_EPOCH * B * T
 
 
 def test_train_order_follows_the_seed(train_shards):
