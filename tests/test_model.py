@@ -285,9 +285,18 @@ FP32_RTOL = 1e-5
 BF16_RTOL = 2 ** -8 + FP32_RTOL
 
 
+def version(module) -> tuple[int, int]:
+    return tuple(int(part) for part in module.__version__.split(".")[:2])
+
+
 def test_triton_probe_equals_chunked_probe_under_the_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.fail("triton is not installed (pip install -r requirements.txt): the probe's kernel goes untested")
+    import numpy
+    import triton
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):  # what torch 2.11's CUDA builds bring
+        pytest.skip(f"Triton {triton.__version__}'s interpreter turns program ids into Python ints with int() of "
+                    f"a 1-element array, which NumPy {numpy.__version__} refuses (Triton 3.7 squeezes it first)")
     run = subprocess.run([sys.executable, "-c", INTERPRETED_PROBE], cwd=pathlib.Path(__file__).parent.parent,
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
