@@ -17,13 +17,10 @@ import argparse
 import gc
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 import train
+from bench.figure import plt, save
 from bench.muon_vs_adamw import VOCAB_SIZES, device_name, make_config
 from model import GPT
 
@@ -97,9 +94,7 @@ def plot(rows: list, out: Path, title: str) -> None:
     ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, out)
 
 
 def main(argv=None) -> list:

@@ -22,13 +22,10 @@ import argparse
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 import train
+from bench.figure import plt, save
 from data.demo import ensure_demo_shards
 from data.tokenizer import GPT2_EOT_ID, bytes_tokenizer
 from model import GPT
@@ -169,9 +166,7 @@ def plot(runs: dict, out: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, out)
 
 
 def main(argv=None) -> dict:

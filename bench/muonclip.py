@@ -24,13 +24,10 @@ import argparse
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 import train
+from bench.figure import plt, save
 from bench.muon_vs_adamw import FULL as FULL_MODEL
 from bench.muon_vs_adamw import SMOKE as SMOKE_MODEL
 from bench.muon_vs_adamw import device_name, make_config, train_run
@@ -74,9 +71,7 @@ def plot(runs: dict, tau: float, out: Path, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, out)
 
 
 def main(argv=None) -> dict:

@@ -46,9 +46,7 @@ def scalar_paths(coefficients: str, x, steps: int = 5):
 
 
 def plot(results: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bench.figure import plt, save
 
     x = torch.logspace(-4, 0, 2000, dtype=torch.float64)
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), sharey=True)
@@ -61,7 +59,7 @@ def plot(results: dict, path: str) -> None:
         ax.legend()
     axes[0].set_ylabel("output singular value")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
     print(f"wrote {path}")
 
 

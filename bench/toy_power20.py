@@ -17,13 +17,10 @@ import argparse
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 import muon
+from bench.figure import plt, save
 
 POINTS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
 W_TRUE = torch.tensor([[2.0, -1.0], [0.5, 1.5]], dtype=torch.float64)
@@ -71,9 +68,7 @@ def plot(rows: list, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, out)
 
 
 def main(argv=None):
