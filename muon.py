@@ -26,12 +26,14 @@ one batched tensor. Under torch.distributed each rank orthogonalises its share o
 and the results are all-gathered, so every rank applies the same update a single device would.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.adamw import adamw as adamw_functional
 
 # ----------------------------------------------------------------------------------------------
@@ -96,18 +98,6 @@ def newton_schulz(
     return X.squeeze(0) if G.ndim == 2 else X
 
 
-_compiled_newton_schulz = None
-
-
-def _newton_schulz_fn(compile_ns: bool):
-    global _compiled_newton_schulz
-    if not compile_ns:
-        return newton_schulz
-    if _compiled_newton_schulz is None:
-        _compiled_newton_schulz = torch.compile(newton_schulz)
-    return _compiled_newton_schulz
-
-
 def lr_multiplier(lr_rule: str, shape: torch.Size) -> float:
     """lr_eff / lr for a matrix of this shape (names as in torch.optim.Muon)."""
     A, B = shape
@@ -119,6 +109,24 @@ def lr_multiplier(lr_rule: str, shape: torch.Size) -> float:
     raise ValueError(f"lr_rule={lr_rule!r}: expected one of {LR_RULES}")
 
 
+def ns_flops(shape: tuple[int, int], steps: int) -> int:
+    """Multiply-add FLOPs of Newton-Schulz on one (A, B) matrix, worked on its wide side (A <= B):
+    per step X X^T (2 A^2 B), S S (2 A^3) and (b S + c S^2) X (2 A^2 B)."""
+    A, B = sorted(shape)
+    return steps * (4 * A * A * B + 2 * A ** 3)
+
+
+def plan_owners(shapes: list[tuple[int, int]], world: int, steps: int = 5) -> list[int]:
+    """The rank that orthogonalises each matrix: longest-processing-time first, by NS FLOPs, so the
+    ranks' NS work is balanced (a ceil split by count leaves ranks idle; a 3072 x 768 matrix costs
+    6x a 768 x 768 one)."""
+    load, owner = [0] * world, [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-ns_flops(shapes[i], steps), i)):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += ns_flops(shapes[i], steps)
+    return owner
+
+
 # ----------------------------------------------------------------------------------------------
 # The optimizer
 
@@ -126,15 +134,27 @@ def lr_multiplier(lr_rule: str, shape: torch.Size) -> float:
 class Muon(torch.optim.Optimizer):
     """Muon for groups with use_muon=True (the default), AdamW for groups with use_muon=False.
 
-    Under torch.distributed (auto-detected, or distributed=True/False) the gradients must
-    already be identical on every rank, as DDP's all-reduce leaves them.
+    compile=True runs each shape bucket's whole Muon step (momentum, Newton-Schulz, decay, update)
+    as one torch.compile graph (static shapes, fullgraph; lr and momentum enter as tensors, so the
+    schedule never recompiles it). The eager step is the reference, op for op.
+
+    Under torch.distributed (auto-detected, or distributed=True/False) the Muon gradients are each
+    rank's own: leave the Muon parameters out of DDP. Each hidden matrix has one owner rank
+    (plan_owners); a reduce-scatter hands every owner the mean gradient of its matrices, the owner
+    alone keeps their momentum (1/world of Muon's state per rank) and orthogonalises them, and an
+    all-gather of the orthogonalised updates (in ns_dtype) lets every rank apply every update, so
+    all ranks hold the same weights. AdamW groups expect gradients already averaged (DDP).
+    state_dict() is then a collective: every rank must call it, and each gets the full state.
+
+    Parameters that are DTensors (FSDP2's fully_shard) are orthogonalised whole: the update is
+    gathered, put through Newton-Schulz, and each rank keeps the rows of its shard.
     """
 
     def __init__(
         self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
         nesterov: bool = True, ns_steps: int = 5, ns_coefficients: str = "classic",
         lr_rule: str = "match_rms_adamw", betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8, ns_dtype: torch.dtype = torch.bfloat16, compile_ns: bool = False,
+        eps: float = 1e-8, ns_dtype: torch.dtype = torch.bfloat16, compile: bool = False,
         distributed: bool | None = None,
     ):
         if lr < 0 or weight_decay < 0:
@@ -152,10 +172,12 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["use_muon"]:
                 _check_matrices(group)
-        self.compile_ns = compile_ns
+        self.compile = compile
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.distributed = distributed
+        self._scalars: dict[tuple, dict[str, Tensor]] = {}  # per bucket, the compiled step's 0-dim inputs
+        self._plans: dict[tuple, dict] = {}  # per group, the owner plan of the distributed step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -164,28 +186,31 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_step(group)
-            else:
+            if not group["use_muon"]:
                 self._adamw_step(group)
+                continue
+            sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+            plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+            if sharded:
+                self._sharded_step(sharded, group)
+            if plain and self.distributed:
+                self._owner_step(plain, group)
+            elif plain:
+                self._local_step(plain, group)
         return loss
 
-    def _muon_step(self, group: dict) -> None:
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        if not with_grad and not self.distributed:
-            return
-        updates = self._momentum_updates(with_grad, group)
-        # Every rank walks every parameter, grad or not, so the collectives always match up
-        # and a parameter without a gradient on one step cannot hang the others.
-        params = group["params"] if self.distributed else with_grad
-        ns = _newton_schulz_fn(self.compile_ns)
-        orthogonalise = self._orthogonalise_shared if self.distributed else _orthogonalise_local
-        pending = [
-            (bucket, orthogonalise(bucket, updates, group, ns))
-            for bucket in _buckets_by_shape(params)
-        ]
-        for bucket, result in pending:
-            _apply_updates(bucket, result(), group)
+    # -- one process ------------------------------------------------------------------------------
+
+    def _local_step(self, params: list[Tensor], group: dict) -> None:
+        with_grad = [p for p in params if p.grad is not None]
+        for bucket in _buckets_by_shape(with_grad):
+            if self.compile:
+                self._compiled_bucket_step(bucket, group)
+                continue
+            updates = self._momentum_updates(bucket, group)
+            orthogonal = newton_schulz(torch.stack([_as_wide(updates[p]) for p in bucket]), group["ns_coefficients"],
+                                       group["ns_steps"], dtype=group["ns_dtype"])
+            _apply_updates(bucket, orthogonal, group)
 
     def _momentum_updates(self, params: list[Tensor], group: dict) -> dict[Tensor, Tensor]:
         """U per parameter: M <- mu M + G, then U = G + mu M (Nesterov) or M."""
@@ -193,35 +218,167 @@ class Muon(torch.optim.Optimizer):
             return {}
         mu = group["momentum"]
         grads = [p.grad.float() for p in params]
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-            bufs.append(state["momentum_buffer"])
+        bufs = [self._momentum_buffer(p) for p in params]
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
         updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
         return dict(zip(params, updates))
 
-    def _orthogonalise_shared(self, bucket, updates, group, ns):
-        """This rank's share of the bucket through NS, then an async all-gather of every share."""
-        world, rank = dist.get_world_size(), dist.get_rank()
-        per_rank = math.ceil(len(bucket) / world)
-        mine = bucket[rank * per_rank:(rank + 1) * per_rank]
-        rows, cols = _wide_shape(bucket[0])
-        local = torch.zeros(per_rank, rows, cols, device=bucket[0].device, dtype=torch.float32)
-        for i, p in enumerate(mine):
-            if p in updates:
-                local[i] = _as_wide(updates[p])
-        local = ns(local, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"]).contiguous()
-        gathered = torch.empty(world * per_rank, rows, cols, device=local.device, dtype=local.dtype)
-        work = _all_gather_single(gathered, local, async_op=True)
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        return state["momentum_buffer"]
 
-        def result() -> Tensor:
-            work.wait()
-            return gathered[:len(bucket)]
-        return result
+    def _compiled_bucket_step(self, bucket: list[Tensor], group: dict) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        # Persistent 0-dim (and per-matrix) tensors, refilled each step: no host-device copy, and
+        # values are not guarded on, so the lr schedule and momentum warm-up never recompile.
+        key = (id(group), tuple(id(p) for p in bucket))
+        if key not in self._scalars:
+            device = bucket[0].device
+            self._scalars[key] = dict(mu=torch.zeros((), device=device), decay=torch.zeros((), device=device),
+                                      step_sizes=torch.zeros(len(bucket), device=device))
+        scalars = self._scalars[key]
+        scalars["mu"].fill_(mu)
+        scalars["decay"].fill_(1 - lr * wd)
+        multipliers = torch.tensor([lr * lr_multiplier(group["lr_rule"], p.shape) for p in bucket])
+        scalars["step_sizes"].copy_(multipliers, non_blocking=True)
+        _compiled(_bucket_step_)(
+            bucket, [p.grad for p in bucket], [self._momentum_buffer(p) for p in bucket], scalars["mu"],
+            scalars["decay"] if wd else None, scalars["step_sizes"], group["nesterov"], group["ns_coefficients"],
+            group["ns_steps"], group["ns_dtype"])
+
+    # -- many ranks, one owner per matrix ---------------------------------------------------------
+
+    def _owner_plan(self, params: list[Tensor], group: dict) -> dict:
+        """Who owns which matrix and where each lives in the flat buffers the collectives move."""
+        key = (id(group), tuple(id(p) for p in params))
+        plan = self._plans.get(key)
+        if plan is None:
+            world = dist.get_world_size()
+            owner = plan_owners([tuple(p.shape) for p in params], world, group["ns_steps"])
+            owned = [[i for i in range(len(params)) if owner[i] == r] for r in range(world)]
+            # Each rank's segment: its matrices' elements, then one has-a-gradient flag per matrix.
+            sizes = [sum(params[i].numel() for i in mine) + len(mine) for mine in owned]
+            plan = dict(owner=owner, owned=owned, segment=max(sizes), world=world, rank=dist.get_rank())
+            self._plans[key] = plan
+        return plan
+
+    def _owner_step(self, params: list[Tensor], group: dict) -> None:
+        plan = self._owner_plan(params, group)
+        world, rank, segment = plan["world"], plan["rank"], plan["segment"]
+        device = params[0].device
+        # Every rank sends every gradient to its owner; a missing one travels as zeros, flag 0.
+        pieces = []
+        for mine in plan["owned"]:
+            for i in mine:
+                g = params[i].grad
+                pieces.append(g.float().flatten() if g is not None else torch.zeros(params[i].numel(), device=device))
+            pieces.append(torch.tensor([float(params[i].grad is not None) for i in mine], device=device))
+            pieces.append(torch.zeros(segment - sum(params[i].numel() for i in mine) - len(mine), device=device))
+        mean_grads = torch.empty(segment, device=device)
+        dist.reduce_scatter_tensor(mean_grads, torch.cat(pieces), op=dist.ReduceOp.SUM)
+        mine = plan["owned"][rank]
+        sizes = [params[i].numel() for i in mine]
+        grads_here = mean_grads[:sum(sizes)].split(sizes)
+        counts = mean_grads[sum(sizes):sum(sizes) + len(mine)]
+        # Momentum, Nesterov and Newton-Schulz for this rank's matrices, batched by shape. The
+        # has-gradient counts stay on the device: a matrix that no rank trained gets a zero update
+        # and keeps its momentum (multiplied by exactly 1 below).
+        trained = counts > 0
+        updates = torch.zeros(segment, device=device, dtype=group["ns_dtype"])
+        mu = group["momentum"]
+        offsets = [0] + list(itertools.accumulate(sizes))
+        by_shape: dict[tuple, list[int]] = {}
+        for j, i in enumerate(mine):
+            by_shape.setdefault(_wide_shape(params[i]), []).append(j)
+        for js in by_shape.values():
+            grads = [grads_here[j].view(params[mine[j]].shape) / world for j in js]
+            bufs = [self._momentum_buffer(params[mine[j]]) for j in js]
+            for j, buf in zip(js, bufs):
+                buf.mul_(torch.where(trained[j], mu, 1.0))
+            torch._foreach_add_(bufs, grads)
+            step_dirs = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+            ns = _compiled(newton_schulz) if self.compile else newton_schulz
+            orthogonal = ns(torch.stack([_as_wide(u) for u in step_dirs]), group["ns_coefficients"],
+                            group["ns_steps"], dtype=group["ns_dtype"])
+            for j, o in zip(js, orthogonal):
+                p = params[mine[j]]
+                o = o.mT if p.size(0) > p.size(1) else o
+                updates[offsets[j]:offsets[j + 1]] = (o * trained[j]).flatten()
+        updates[offsets[-1]:offsets[-1] + len(mine)] = trained.to(updates.dtype)
+        gathered = torch.empty(world * segment, device=device, dtype=updates.dtype)
+        _all_gather_single(gathered, updates)
+        # Every rank applies every update, so the weights stay identical everywhere. An untrained
+        # matrix's update is zero and its decay factor 1: no host sync to find out which it is.
+        lr, wd = group["lr"], group["weight_decay"]
+        for r, owned in enumerate(plan["owned"]):
+            base = r * segment
+            sizes = [params[i].numel() for i in owned]
+            flags = gathered[base + sum(sizes):base + sum(sizes) + len(owned)]
+            for k, (i, start, size) in enumerate(zip(owned, itertools.accumulate([0] + sizes), sizes)):
+                p = params[i]
+                if wd:
+                    p.mul_(torch.where(flags[k] > 0, 1 - lr * wd, 1.0))
+                o = gathered[base + start:base + start + size].view(p.shape)
+                p.add_(o.to(p.dtype), alpha=-lr * lr_multiplier(group["lr_rule"], p.shape))
+
+    def state_dict(self):
+        """Under owner sharding, a collective: each rank contributes the momentum of its matrices and
+        every rank returns the full state, as one process would hold it."""
+        if self.distributed:
+            self._gather_momentum()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.distributed:  # keep only the momentum of the matrices this rank owns
+            for group in self.param_groups:
+                if group["use_muon"]:
+                    plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+                    if plain:
+                        plan = self._owner_plan(plain, group)
+                        for i, p in enumerate(plain):
+                            if plan["owner"][i] != plan["rank"]:
+                                self.state.pop(p, None)
+
+    def _gather_momentum(self) -> None:
+        for group in self.param_groups:
+            plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+            if not group["use_muon"] or not plain:
+                continue
+            plan = self._owner_plan(plain, group)
+            device = plain[0].device
+            mine = plan["owned"][plan["rank"]]
+            pieces = [self.state[plain[i]]["momentum_buffer"].flatten() if "momentum_buffer" in self.state.get(plain[i], {})
+                      else torch.full((plain[i].numel(),), float("nan"), device=device) for i in mine]
+            used = sum(plain[i].numel() for i in mine)
+            local = torch.cat(pieces + [torch.zeros(plan["segment"] - used, device=device)])
+            gathered = torch.empty(plan["world"] * plan["segment"], device=device)
+            _all_gather_single(gathered, local)
+            for r, owned in enumerate(plan["owned"]):
+                start = r * plan["segment"]
+                for i in owned:
+                    buf = gathered[start:start + plain[i].numel()].view(plain[i].shape)
+                    start += plain[i].numel()
+                    if not buf.isnan().any():  # nan: the owner has no momentum yet
+                        self.state[plain[i]]["momentum_buffer"] = buf.clone()
+
+    # -- FSDP2: DTensor parameters ----------------------------------------------------------------
+
+    def _sharded_step(self, params: list[Tensor], group: dict) -> None:
+        """Gradients of DTensor parameters are already averaged (FSDP's reduce-scatter): momentum
+        stays sharded; the update is gathered whole for Newton-Schulz, then re-sharded."""
+        with_grad = [p for p in params if p.grad is not None]
+        updates = self._momentum_updates(with_grad, group)
+        for p in with_grad:
+            full = updates[p].full_tensor()
+            o = newton_schulz(full, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
+            sharded = DTensor.from_local(o, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+            _apply_update(p, sharded.redistribute(p.device_mesh, p.placements), group)
+
+    # -- AdamW ------------------------------------------------------------------------------------
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -235,16 +392,41 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
+        fused = not any(isinstance(p, DTensor) for p in params)  # the fused kernel takes plain tensors
         adamw_functional(
             params, [p.grad for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
-            fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            fused=fused, foreach=not fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated since) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """fn under torch.compile, built once per process: static shapes, one graph, one per bucket shape."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[fn]
+
+
+def _bucket_step_(params, grads, bufs, mu, decay, step_sizes, nesterov, coefficients, ns_steps, ns_dtype):
+    """The Muon step of one bucket of same-shape matrices, as the compiled graph runs it: momentum,
+    Nesterov, Newton-Schulz on the stacked (wide) updates, decay, update. mu, decay (or None for no
+    weight decay) and step_sizes (lr x the shape's multiplier, per matrix) are tensors."""
+    grads = [g.float() for g in grads]
+    torch._foreach_mul_(bufs, mu)
+    torch._foreach_add_(bufs, grads)
+    updates = torch._foreach_add(grads, torch._foreach_mul(bufs, mu)) if nesterov else bufs
+    orthogonal = newton_schulz(torch.stack([_as_wide(u) for u in updates]), coefficients, ns_steps, dtype=ns_dtype)
+    for i, p in enumerate(params):
+        o = orthogonal[i].mT if p.size(0) > p.size(1) else orthogonal[i]
+        if decay is not None:
+            p.mul_(decay)
+        p.sub_(o.to(p.dtype) * step_sizes[i])
 
 
 def _check_matrices(group: dict) -> None:
@@ -273,26 +455,27 @@ def _buckets_by_shape(params: list[Tensor]) -> list[list[Tensor]]:
     return list(buckets.values())
 
 
-def _orthogonalise_local(bucket, updates, group, ns):
-    stacked = torch.stack([_as_wide(updates[p]) for p in bucket])
-    out = ns(stacked, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
-    return lambda: out
-
-
 def _apply_updates(bucket: list[Tensor], orthogonal: Tensor, group: dict) -> None:
-    """Decay then step every parameter of the bucket that has a gradient, one shape at a time."""
+    """Decay then step every parameter of the bucket, one shape at a time (foreach)."""
     lr, wd = group["lr"], group["weight_decay"]
     orthogonal = orthogonal.to(bucket[0].dtype)
     by_shape: dict[torch.Size, tuple[list[Tensor], list[Tensor]]] = {}
     for p, o in zip(bucket, orthogonal):
-        if p.grad is not None:
-            params, outs = by_shape.setdefault(p.shape, ([], []))
-            params.append(p)
-            outs.append(o.mT if p.size(0) > p.size(1) else o)
+        params, outs = by_shape.setdefault(p.shape, ([], []))
+        params.append(p)
+        outs.append(o.mT if p.size(0) > p.size(1) else o)
     for shape, (params, outs) in by_shape.items():
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_add_(params, outs, alpha=-lr * lr_multiplier(group["lr_rule"], shape))
+
+
+def _apply_update(p: Tensor, orthogonal: Tensor, group: dict) -> None:
+    """Decay then step one parameter along its orthogonalised update (same orientation as p)."""
+    lr, wd = group["lr"], group["weight_decay"]
+    if wd:
+        p.mul_(1 - lr * wd)
+    p.add_(orthogonal.to(p.dtype), alpha=-lr * lr_multiplier(group["lr_rule"], p.shape))
 
 
 def hybrid_param_groups(model: torch.nn.Module, adamw_names: tuple[str, ...] = ("lm_head",)) -> list[dict]:
@@ -350,7 +533,7 @@ class AttentionHeads:
 
 
 @torch.no_grad()
-def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float) -> Tensor:
+def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float, check_finite: bool = True) -> Tensor:
     """Rescale, in place, every head whose max logit S exceeds tau so that its logits scale by tau / S.
 
     max_logits: (n_layers, n_heads), the largest pre-softmax logit (scaled, causal mask applied)
@@ -359,22 +542,39 @@ def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float) -> Te
     logit of the head scales by gamma and re-running the batch gives max logit tau. Heads at or
     below tau are multiplied by exactly 1. Returns the number of clipped heads as a 0-dim tensor,
     so the caller decides when to pay for a device sync.
+
+    A non-finite S (a diverged run) never touches the weights: gamma = tau / inf = 0 would zero the
+    head's q and k for good. With check_finite (the default) it is a ValueError naming the layer
+    and head, at the price of one device sync; with check_finite=False such heads are left as they
+    are and the caller checks max_logits itself (train.py does, once per log interval).
     """
     if tau <= 0:
         raise ValueError(f"tau={tau}: expected a positive logit threshold")
     if max_logits.ndim != 2 or max_logits.size(0) != len(layers):
         raise ValueError(f"max_logits has shape {tuple(max_logits.shape)}: expected ({len(layers)}, n_heads)")
+    if check_finite:
+        raise_if_not_finite(max_logits)
     n_clipped = torch.zeros((), dtype=torch.int64, device=max_logits.device)
     for heads, layer_max in zip(layers, max_logits):
         if layer_max.numel() != heads.n_heads:
             raise ValueError(f"{layer_max.numel()} max logits for a layer of {heads.n_heads} heads")
         layer_max = layer_max.double()  # so a float64 model is clipped to float64 precision
-        over = layer_max > tau
+        over = (layer_max > tau) & layer_max.isfinite()
         gamma = torch.where(over, tau / layer_max, torch.ones_like(layer_max))
         _scale_head_rows_(heads.q_weight, gamma.sqrt(), heads.qk_nope_dim, gamma, heads.qk_rope_dim)
         _scale_head_rows_(heads.k_weight, gamma.sqrt(), heads.qk_nope_dim, torch.ones_like(gamma), heads.v_dim)
         n_clipped += over.sum()
     return n_clipped
+
+
+def raise_if_not_finite(max_logits: Tensor) -> None:
+    """A ValueError naming the first layer and head whose max logit is nan or inf (one device sync)."""
+    bad = ~max_logits.isfinite()
+    if bad.any():
+        layer, head = bad.nonzero()[0].tolist()
+        raise ValueError(f"the max attention logit of layer {layer} head {head} is {max_logits[layer, head].item()} "
+                         f"({int(bad.sum())} non-finite of {bad.numel()} heads): the run has diverged; "
+                         "no head was rescaled")
 
 
 def _scale_head_rows_(weight: Tensor, first_scale: Tensor, first_rows: int, rest_scale: Tensor, rest_rows: int):

@@ -71,6 +71,31 @@ def test_ns_lifts_tiny_singular_values_and_keeps_zero_at_zero():
     assert muon.newton_schulz(torch.zeros(8, 4)).abs().max() == 0
 
 
+def matrix_power(gram, exponent):
+    """gram^exponent for a symmetric PSD matrix, by eigendecomposition in float64; eigenvalues at
+    zero (rounding included) stay zero, the pseudo-inverse convention for negative exponents."""
+    values, vectors = torch.linalg.eigh(gram)
+    kept = values > values.max() * 1e-10
+    powered = torch.where(kept, values.clamp_min(1e-300) ** exponent, torch.zeros_like(values))
+    return vectors @ torch.diag(powered) @ vectors.T
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (16, 40), (40, 16)])
+def test_orthogonalised_update_is_shampoo_without_accumulation(shape):
+    """U V^T of G = U S V^T, which Newton-Schulz approximates, is Shampoo's update with its
+    preconditioners built from this one gradient (Bernstein & Newhouse, arXiv 2409.20325):
+    (G G^T)^(-1/4) G (G^T G)^(-1/4) = U S^(-1/2) U^T U S V^T V S^(-1/2) V^T = U V^T."""
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    shampoo = matrix_power(G @ G.T, -0.25) @ G @ matrix_power(G.T @ G, -0.25)
+    torch.testing.assert_close(shampoo, U @ Vh, atol=1e-10, rtol=0)
+    # ...and Muon's Newton-Schulz lands on it up to its singular-value band.
+    ns = muon.newton_schulz(G.float(), "polar_express", dtype=torch.float32).double()
+    core = (U.T @ ns @ Vh.T).diagonal()
+    assert (ns - U @ torch.diag(core) @ Vh).norm() < 1e-4 * ns.norm()
+    assert NS_BAND["polar_express"][0] - 0.1 < core.min() and core.max() < NS_BAND["polar_express"][1]
+
+
 def test_ns_schedule_names_and_lengths_are_checked():
     with pytest.raises(ValueError, match="ns_coefficients='cubic'"):
         muon.ns_schedule("cubic", 5)
@@ -158,12 +183,30 @@ def test_step_equals_float64_formula(lr_rule, coefficients, nesterov, ns_dtype, 
     assert_updates_close(params, ours, reference, rtol=rtol)
 
 
-def test_compiled_newton_schulz_gives_the_eager_step():
-    params, grads = matrices_and_grads(seed=2, steps=1)
-    settings = dict(lr=0.02, ns_coefficients="polar_express", ns_dtype=torch.float32)
-    eager = run_optimizer(lambda ps: muon.Muon(ps, **settings), params, grads)
-    compiled = run_optimizer(lambda ps: muon.Muon(ps, compile_ns=True, **settings), params, grads)
-    for a, b in zip(eager, compiled):
+def test_the_compiled_bucket_step_is_the_eager_step_and_never_recompiles_for_the_schedule():
+    """compile=True: one graph per shape bucket (momentum, NS, decay, update), lr and momentum fed as
+    tensors, so a schedule that changes both every step builds each graph once."""
+    params, grads = matrices_and_grads(seed=2, steps=4)
+    settings = dict(lr=0.02, weight_decay=0.1, ns_coefficients="polar_express", ns_dtype=torch.float32)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # they outlive reset(): other tests' graphs count there too
+    results = {}
+    for compile in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = muon.Muon(ps, compile=compile, **settings)
+        for step, gs in enumerate(grads):
+            for group in opt.param_groups:
+                group["lr"], group["momentum"] = 0.02 * (1 - 0.2 * step), 0.85 + 0.03 * step
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+            if compile and step == 0:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        results[compile] = [p.detach() for p in ps]
+    buckets = len(muon._buckets_by_shape(results[True]))
+    assert graphs == buckets == 3  # 24x24 twice; 40x24 with 24x40; 16x56
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # steps 2-4 reused them
+    for a, b in zip(results[False], results[True]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -305,14 +348,16 @@ def test_bad_settings_are_named():
 # Distributed: each rank orthogonalises a share, then all-gather
 
 
-DIST_SHAPES = ((24, 24), (24, 24), (24, 24), (40, 24), (24, 40), (16, 56))
+DIST_SHAPES = ((24, 24), (24, 24), (24, 24), (40, 24), (24, 40), (16, 56), (56, 16))
 
 
 def distributed_grads(rank, step):
+    """Each rank's own gradients, multiples of 1/64 of small integers: their sums are exact in any
+    order, so a reduce-scatter's mean is bit for bit the one computed here."""
     g = torch.Generator().manual_seed(1000 * step + rank)
-    grads = [torch.randn(s, generator=g) for s in DIST_SHAPES]
+    grads = [torch.randint(-64, 65, s, generator=g).float() / 64 for s in DIST_SHAPES]
     if step == 1:
-        grads[2] = None  # no gradient this step, on every rank, as DDP leaves an unused parameter
+        grads[2] = None  # no gradient this step, on every rank
     return grads
 
 
@@ -325,37 +370,107 @@ def distributed_worker(rank, world, rendezvous_file, out_path):
     # A file rendezvous: no TCP port to race other test runs for.
     dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world)
     params = [torch.nn.Parameter(p) for p in matrices_and_grads(seed=5, shapes=DIST_SHAPES)[0]]
-    opt = muon.Muon(params, lr=0.05, weight_decay=0.1)
+    opt = muon.Muon(params, lr=0.05, weight_decay=0.1, ns_dtype=torch.float32)
     assert opt.distributed
     for step in range(3):
-        grads = distributed_grads(rank, step)
-        for g in grads:
-            if g is not None:  # DDP's averaging
-                dist.all_reduce(g)
-                g /= world
-        set_grads(params, grads)
+        set_grads(params, distributed_grads(rank, step))  # not averaged: Muon does it
         opt.step()
-    if rank == 0:
-        torch.save([p.detach() for p in params], out_path)
+    state_here = sum(s["momentum_buffer"].numel() for s in opt.state.values())
+    full = opt.state_dict()  # a collective: every rank ends with the whole state
+    torch.save(dict(params=[p.detach() for p in params], state_here=state_here, full=full), f"{out_path}.{rank}")
     dist.barrier()  # gloo can abort a rank that tears down while its peer is still connected
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_equals_single_process_on_averaged_grads(tmp_path):
-    world = 2
-    out_path = tmp_path / "rank0.pt"
-    mp.spawn(distributed_worker, args=(world, str(tmp_path / "rendezvous"), str(out_path)), nprocs=world)
-    distributed = torch.load(out_path)
+@pytest.mark.parametrize("world", [2, 3])
+def test_owner_sharded_steps_equal_one_process_on_the_mean_gradient(tmp_path, world):
+    """Reduce-scatter to each matrix's owner, momentum and NS there, all-gather of the updates: the
+    weights of every rank equal one process's fed the mean gradient, bit for bit; each rank keeps
+    the momentum of its own matrices only (about 1/world of it); a matrix without a gradient on
+    every rank is left alone, as one process leaves it."""
+    out = tmp_path / "out"
+    mp.spawn(distributed_worker, args=(world, str(tmp_path / "rendezvous"), str(out)), nprocs=world)
+    ranks = [torch.load(f"{out}.{r}") for r in range(world)]
 
     params = [torch.nn.Parameter(p) for p in matrices_and_grads(seed=5, shapes=DIST_SHAPES)[0]]
-    opt = muon.Muon(params, lr=0.05, weight_decay=0.1, distributed=False)
+    opt = muon.Muon(params, lr=0.05, weight_decay=0.1, ns_dtype=torch.float32, distributed=False)
     for step in range(3):
         per_rank = [distributed_grads(r, step) for r in range(world)]
-        averaged = [None if gs[0] is None else sum(gs) / world for gs in zip(*per_rank)]
-        set_grads(params, averaged)
+        set_grads(params, [None if gs[0] is None else sum(gs) / world for gs in zip(*per_rank)])
         opt.step()
-    for a, b in zip(distributed, params):
-        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
+    for result in ranks:
+        assert all(torch.equal(a, b.detach()) for a, b in zip(result["params"], params))
+        full = result["full"]["state"]
+        assert all(torch.equal(full[i]["momentum_buffer"], opt.state[p]["momentum_buffer"]) for i, p in enumerate(params))
+    total = sum(p.numel() for p in params)
+    held = [result["state_here"] for result in ranks]
+    assert sum(held) == total and max(held) < 0.75 * total  # shared out, not replicated
+    owners = muon.plan_owners([tuple(s) for s in DIST_SHAPES], world)
+    assert sorted(set(owners)) == list(range(world))  # every rank orthogonalises something
+
+
+def test_owners_balance_newton_schulz_flops():
+    """124M MLA's hidden matrices over 8 ranks: longest-first assignment by FLOPs."""
+    shapes = [(1152, 768), (288, 768), (1536, 256), (768, 768), (3072, 768), (768, 3072)] * 12
+    owners = muon.plan_owners(shapes, 8)
+    load = [sum(muon.ns_flops(s, 5) for s, o in zip(shapes, owners) if o == r) for r in range(8)]
+    assert max(load) / (sum(load) / 8) < 1.05  # within 5% of a perfect split
+    assert len(set(owners)) == 8
+
+
+def fsdp_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.LayerNorm(32),
+                               torch.nn.Linear(32, 8, bias=False))
+
+
+def fsdp_data(rank):
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(4, 16, generator=g), torch.randn(4, 8, generator=g)
+
+
+def fsdp_optimizer(model):
+    groups = [dict(params=[model[0].weight, model[2].weight]),
+              dict(params=list(model[1].parameters()), use_muon=False, lr=0.01)]
+    return muon.Muon(groups, lr=0.05, weight_decay=0.1, ns_dtype=torch.float32, distributed=False)
+
+
+def fsdp_worker(rank, world, rendezvous_file, out_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world)
+    model = fsdp_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = fsdp_optimizer(model)
+    for step in range(2):
+        x, y = fsdp_data(rank)
+        torch.nn.functional.mse_loss(model(x), y).backward()  # FSDP reduce-scatters the mean gradient
+        opt.step()
+        opt.zero_grad()
+    full = {name: p.full_tensor() for name, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(full, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_matrices_step_as_one_process_does(tmp_path):
+    """fully_shard makes every parameter a DTensor sharded by rows: Muon gathers each update whole
+    for Newton-Schulz and keeps its shard's rows; the result is one process's step on the mean
+    gradient of both ranks' batches."""
+    world = 2
+    mp.spawn(fsdp_worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path / "fsdp.pt")), nprocs=world)
+    sharded = torch.load(tmp_path / "fsdp.pt")
+    model = fsdp_model()
+    opt = fsdp_optimizer(model)
+    for step in range(2):
+        for rank in range(world):  # the mean of the two ranks' losses' gradients
+            x, y = fsdp_data(rank)
+            (torch.nn.functional.mse_loss(model(x), y) / world).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(sharded[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,3 +581,20 @@ def test_qk_clip_rejects_mismatched_layouts():
         muon.qk_clip_([heads], torch.zeros(2), tau=1.0)
     with pytest.raises(ValueError, match="tau=0"):
         muon.qk_clip_([heads], torch.zeros(1, 2), tau=0)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan, -math.inf])
+def test_qk_clip_never_touches_weights_for_a_non_finite_max_logit(bad):
+    """gamma = tau / inf = 0 would zero a head's q and k rows for good; a NaN must not slip by either."""
+    layer = MLAWeights(seed=4)
+    wq, wkv_b = layer.wq.clone(), layer.wkv_b.clone()
+    head_max = torch.tensor([[bad, 0.5] + [0.5] * (layer.H - 2)], dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"the max attention logit of layer 0 head 0 is {bad}.*no head was rescaled"):
+        muon.qk_clip_([layer.heads()], head_max, tau=1.0)
+    assert torch.equal(layer.wq, wq) and torch.equal(layer.wkv_b, wkv_b)
+    # check_finite=False (train.py checks once per log interval): the bad head is left as it is,
+    # the others are clipped as usual.
+    head_max[0, 1] = 4.0
+    assert muon.qk_clip_([layer.heads()], head_max, tau=1.0, check_finite=False).item() == 1
+    rows = layer.nope + layer.rope_dim
+    assert torch.equal(layer.wq[:rows], wq[:rows]) and not torch.equal(layer.wq[rows:2 * rows], wq[rows:2 * rows])
