@@ -518,3 +518,78 @@ def test_qk_clip_caps_the_probed_heads_at_tau(kind):
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"GPTConfig.{field}="):
         GPTConfig(**{field: value})
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention backend
+
+
+def test_flash_with_v_padded_is_attention_with_v_unpadded():
+    """Flash takes only equal q/k and v widths: MLA's v is zero-padded and the extra output columns
+    dropped. The padding changes nothing (math backend, bit for bit), and the CPU flash kernel on
+    the padded v gives float64 attention to fp32 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 40, 24, generator=g), torch.randn(2, 3, 40, 24, generator=g)
+    v = torch.randn(2, 3, 40, 16, generator=g)
+    scale = 24 ** -0.5
+    with sdpa_kernel(SDPBackend.MATH):
+        unpadded = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        padded = F.scaled_dot_product_attention(q, k, F.pad(v, (0, 8)), is_causal=True, scale=scale)[..., :16]
+    assert torch.equal(padded, unpadded)
+    flash = model_module.causal_attention(q, k, v, scale, "flash")
+    assert flash.shape == v.shape
+    scores = (q.double() @ k.double().mT * scale).masked_fill(~model_module.causal_mask(0, 40, 40, "cpu"), float("-inf"))
+    torch.testing.assert_close(flash.double(), scores.softmax(-1) @ v.double(), atol=1e-5, rtol=0)
+
+
+# What PyTorch's eligibility checks say on each machine, for causal attention of (q/k, v) widths.
+MACHINES = {
+    "H100, cuDNN 9": {"cudnn": lambda qk, v: True, "flash": lambda qk, v: qk == v, "efficient": lambda qk, v: True},
+    "A100": {"cudnn": lambda qk, v: False, "flash": lambda qk, v: qk == v, "efficient": lambda qk, v: True},
+    "H100, old cuDNN, flash off": {"cudnn": lambda qk, v: False, "flash": lambda qk, v: False,
+                                   "efficient": lambda qk, v: True},
+    "nothing fused": {"cudnn": lambda qk, v: False, "flash": lambda qk, v: False, "efficient": lambda qk, v: False},
+}
+
+
+@pytest.mark.parametrize("machine, expected", [
+    ("H100, cuDNN 9", "cudnn"), ("A100", "flash"), ("H100, old cuDNN, flash off", "efficient"),
+    ("nothing fused", "math"),
+])
+def test_the_backend_policy_prefers_cudnn_then_padded_flash_then_efficient(machine, expected):
+    asked = []
+
+    def supports(backend, qk, v, dtype, device):
+        asked.append((backend, qk, v))
+        return MACHINES[machine][backend](qk, v)
+
+    cuda = torch.device("cuda")
+    assert model_module.choose_sdpa_backend(cuda, 96, 64, torch.bfloat16, supports) == expected
+    if expected in ("flash", "efficient", "math"):
+        assert ("flash", 96, 96) in asked  # flash is asked about the padded widths
+    assert model_module.choose_sdpa_backend(torch.device("cpu"), 96, 64, torch.float32, supports) == "flash"
+
+
+def test_the_chosen_backend_is_used_by_every_layer_and_a_config_can_force_one():
+    m = GPT(tiny("mla"))
+    assert all(block.attn.sdpa_backend is None for block in m.blocks)  # PyTorch's pick until chosen
+    assert m.choose_attention(torch.float32) == "flash"
+    assert {block.attn.sdpa_backend for block in m.blocks} == {"flash"}
+    torch.manual_seed(0)
+    forced = GPT(tiny("mla", sdpa_backend="math"))
+    assert forced.choose_attention(torch.float32) == "math"
+    forced.load_state_dict(m.state_dict())
+    x = tokens(2, 16)
+    torch.testing.assert_close(m(x, x), forced(x, x), rtol=1e-5, atol=1e-6)  # two kernels, one attention
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(qk_nope_head_dim=14, qk_rope_head_dim=6), r"qk_nope_head_dim \+ qk_rope_head_dim=20: expected a multiple of 8"),
+    (dict(v_head_dim=12), r"v_head_dim=12: expected a multiple of 8 up to 256"),
+    (dict(attention="mha", head_dim=300), r"head_dim=300: expected a multiple of 8 up to 256"),
+    (dict(sdpa_backend="xformers"), r"sdpa_backend='xformers': expected one of \('auto', 'cudnn', 'flash'"),
+])
+def test_widths_no_fused_kernel_serves_are_refused_by_name(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(CONFIGS["tiny-mla"], **changes)
