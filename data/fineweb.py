@@ -86,16 +86,20 @@ def offline_message(endpoint, name, error):
     )
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-shards", type=int, default=17,
                         help=f"how many 100M-token train shards, 0..{TRAIN_SHARDS} (default 17: one pass "
                              "of configs/*.toml's 3200 x 524,288 tokens)")
     parser.add_argument("--out", default=DEFAULT_DIR, help=f"directory for the shards (default {DEFAULT_DIR})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         download_fineweb(args.train_shards, args.out)
-    except ConnectionError as e:
+    except (OSError, ValueError) as e:  # no network (ConnectionError), a bad --train-shards, a full disk, ...
         sys.exit(f"error: {e}")
 
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.shard import MAX_TOKEN, write_shard
-from data.tokenizer import TOKENIZERS, get_tokenizer
+from data.tokenizer import TOKENIZERS, TokenizerDownloadError, get_tokenizer
 
 DIR_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -185,7 +186,7 @@ def tokenize_to_shards(documents, out_dir, tokenizer="gpt2", rank_file=None, val
     return train, val
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, .jsonl files or directories")
     parser.add_argument("--out", required=True, help="directory for the train_*.bin and val_*.bin shards")
@@ -196,11 +197,19 @@ def main(argv=None):
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="max tokens per shard")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="tokenizer processes (default: all cores)")
-    args = parser.parse_args(argv)
+    return parser
 
-    documents = read_documents(find_input_files(args.inputs))
-    train, val = tokenize_to_shards(documents, args.out, args.tokenizer, args.tokenizer_file, args.val_fraction,
-                                    args.shard_tokens, args.workers)
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        documents = read_documents(find_input_files(args.inputs))
+        train, val = tokenize_to_shards(documents, args.out, args.tokenizer, args.tokenizer_file, args.val_fraction,
+                                        args.shard_tokens, args.workers)
+    except TokenizerDownloadError as e:
+        sys.exit(f"error: {e}; pass it with --tokenizer-file /path/to/r50k_base.tiktoken")
+    except (OSError, ValueError) as e:  # missing input, bad JSONL or UTF-8, shards already there, ...
+        sys.exit(f"error: {e}")
     for split in (train, val):
         print(f"{split.split}: {split.total_tokens:,} tokens in {len(split.paths)} shards in {args.out}")
 

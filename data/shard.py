@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = 20240520
+LLMC_UINT32_MAGIC = 20240801  # llm.c's other format: uint32 tokens (its LLaMA-3 shards)
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -72,6 +73,10 @@ def read_header(path):
         raise ValueError(f"{path}: {size} bytes is too short for the {HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     magic, version, count = (int(v) for v in header[:3])
+    if magic == LLMC_UINT32_MAGIC:
+        raise ValueError(f"{path}: an llm.c shard of uint32 tokens (magic {magic}, version {version}; llm.c writes "
+                         f"LLaMA-3 tokens this way); this trainer reads uint16 shards (magic {MAGIC}), whose "
+                         "vocabulary fits 65,536 ids, such as GPT-2's")
     if magic != MAGIC:
         raise ValueError(f"{path}: bad magic number {magic}, expected {MAGIC} (not a token shard?)")
     if version != VERSION:

@@ -26,6 +26,10 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 TOKENIZERS = ("gpt2", "bytes")
 
 
+class TokenizerDownloadError(RuntimeError):
+    """tiktoken could not fetch GPT-2's files; each command line says how to pass a local copy."""
+
+
 def get_tokenizer(name="gpt2", rank_file=None):
     """A tiktoken.Encoding for name ("gpt2" or "bytes"); rank_file is a local r50k_base.tiktoken for gpt2."""
     if name == "gpt2":
@@ -41,9 +45,9 @@ def gpt2_from_tiktoken():
     try:
         return tiktoken.get_encoding("gpt2")
     except OSError as e:  # requests' connection errors are OSErrors
-        raise RuntimeError(
-            f"could not download the GPT-2 tokenizer files ({e.__class__.__name__}). Without network, pass the "
-            "rank file instead: --tokenizer-file /path/to/r50k_base.tiktoken (from "
+        raise TokenizerDownloadError(
+            f"could not download the GPT-2 tokenizer files ({e.__class__.__name__}); without network, give a local "
+            "copy of the rank file r50k_base.tiktoken (from "
             "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken)"
         ) from e
 

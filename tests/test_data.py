@@ -16,7 +16,7 @@ from data import fineweb, prepare
 from data.demo import ensure_demo_shards
 from data.loader import TrainLoader, ValLoader
 from data.shard import read_header, read_shard, write_shard
-from data.tokenizer import get_tokenizer
+from data.tokenizer import TokenizerDownloadError, get_tokenizer
 
 EOT = 256  # end-of-text of the bytes tokenizer
 
@@ -124,7 +124,8 @@ def test_gpt2_without_network_says_to_pass_the_rank_file(monkeypatch):
         raise ConnectionError("no network")  # what requests raises is an OSError like this
 
     monkeypatch.setattr("tiktoken.get_encoding", offline)
-    with pytest.raises(RuntimeError, match=r"--tokenizer-file .*r50k_base\.tiktoken"):
+    # Each command line adds its own flag (train.py: --data.tokenizer_file; data.prepare: --tokenizer-file).
+    with pytest.raises(TokenizerDownloadError, match=r"give a local copy of the rank file r50k_base\.tiktoken"):
         get_tokenizer("gpt2")
 
 
@@ -187,21 +188,21 @@ def test_prepare_writes_every_document_and_splits_deterministically(tmp_path):
 def test_prepare_refuses_to_mix_with_old_shards(tmp_path):
     inputs, _ = make_corpus(tmp_path)
     prepare.main([*inputs, "--out", str(tmp_path / "out"), "--tokenizer", "bytes", "--workers", "1"])
-    with pytest.raises(FileExistsError, match="already holds shards"):
+    with pytest.raises(SystemExit, match="^error: .* already holds shards"):  # one line, no traceback
         prepare.main([*inputs, "--out", str(tmp_path / "out"), "--tokenizer", "bytes", "--workers", "1"])
 
 
 def test_prepare_names_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
-    with pytest.raises(ValueError, match=re.escape(f"{bad}:2") + r': expected a JSON object with a string "text"'):
+    with pytest.raises(SystemExit, match="error: " + re.escape(f"{bad}:2") + r': expected a JSON object with a string "text"'):
         prepare.main([str(bad), "--out", str(tmp_path / "out"), "--tokenizer", "bytes", "--workers", "2"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"empty: no \.txt/\.md/\.rst/\.jsonl files"):
+    with pytest.raises(SystemExit, match=r"empty: no \.txt/\.md/\.rst/\.jsonl files"):
         prepare.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--tokenizer", "bytes"])
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8 text"):
+    with pytest.raises(SystemExit, match=r"latin1\.txt: not UTF-8 text"):
         prepare.main([str(latin1), "--out", str(tmp_path / "out"), "--tokenizer", "bytes", "--workers", "1"])
 
 
@@ -290,13 +291,13 @@ def test_demo_shards_are_built_once(tmp_path, capsys):
 # loaders
 
 B, T = 2, 8
-CHUNK = B * T + 1
 
 
 @pytest.fixture
 def train_shards(tmp_path):
-    """Three shards of distinct tokens: 10, 7 and 3 chunks; the pattern matching them."""
-    sizes = [10 * CHUNK + 5, 7 * CHUNK, 3 * CHUNK + 16]
+    """Three shards of distinct, consecutive tokens: 21, 14 and 8 windows of T + 1 (a window every T
+    tokens); the pattern matching them."""
+    sizes = [175, 119, 67]
     start = 0
     for i, size in enumerate(sizes):
         write_shard(tmp_path / f"train_{i:06d}.bin", np.arange(start, start + size))
@@ -308,26 +309,28 @@ def batches(loader, n):
     return [next(loader) for _ in range(n)]
 
 
-STEPS_PER_EPOCH = 5 + 3 + 1  # per shard: chunks // 2 ranks
+STEPS_PER_EPOCH = 5 + 3 + 2  # per shard: windows // (2 ranks x B)
 
 
 def test_train_batches_are_shifted_int64_pairs(train_shards):
     x, y = next(TrainLoader(train_shards, B, T))
     assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # y is x shifted by one
+    assert torch.equal(y, x + 1)  # each row is one window of the (consecutive) tokens, y shifted by one
 
 
-def test_two_ranks_never_see_the_same_tokens(train_shards):
+def test_two_ranks_never_see_the_same_inputs_and_batches_mix_the_shard(train_shards):
     seen = []
     for rank in range(2):
         loader = TrainLoader(train_shards, B, T, rank=rank, world_size=2, seed=1)
-        tokens = [torch.cat([x.flatten(), y.flatten()[-1:]]) for x, y in batches(loader, STEPS_PER_EPOCH)]
-        tokens = torch.cat(tokens).tolist()
-        assert len(tokens) == len(set(tokens)) == STEPS_PER_EPOCH * CHUNK  # one epoch: no chunk twice
-        assert loader.state_dict() == {"epoch": 0, "shard": 2, "step": 1}  # the last batch of the epoch
-        seen.append(set(tokens))
+        epoch = batches(loader, STEPS_PER_EPOCH)
+        inputs = torch.cat([x.flatten() for x, _ in epoch]).tolist()
+        assert len(inputs) == len(set(inputs)) == STEPS_PER_EPOCH * B * T  # one epoch: no window twice
+        assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["shard"] == 2  # the epoch's last shard
+        # A batch's sequences are windows from anywhere in the shard, not one run of B * T tokens.
+        assert any(int(x[1, 0]) != int(x[0, -1]) + 1 for x, _ in epoch)
+        seen.append(set(inputs))
     assert not seen[0] & seen[1]
-    # What train.py reports as a pass: both ranks' input tokens (a chunk's last token is a target only).
+    # What train.py reports as a pass: both ranks' input tokens.
     assert loader.tokens_per_pass() == 2 * STEPS_PER_EPOCH * B * T
 
 
