@@ -3,8 +3,8 @@
     python train.py --config configs/demo.toml                       # small model, CPU, minutes, no download
     python train.py --config configs/gpu.toml                        # 124M MLA on one GPU
     torchrun --standalone --nproc_per_node=8 train.py --config configs/speedrun.toml   # to val loss 3.28
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-        train.py --config configs/speedrun.toml                      # on every node: multi-node
+    # several nodes: run this on every node, HOST being the first node's address
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --config configs/speedrun.toml
 
 Any config key can be set on the command line, after or instead of the TOML value:
 
@@ -30,11 +30,19 @@ per optimizer step whatever the number of ranks.
 
 import copy
 import dataclasses
+import datetime
+import fcntl
+import socket
+import inspect
 import json
 import math
 import os
 import random
+import re
+import shlex
+import signal
 import sys
+import threading
 import time
 import tomllib
 import typing
@@ -50,9 +58,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import muon
 from data.demo import ensure_demo_shards
 from data.loader import TrainLoader, ValLoader
-from data.shard import write_atomically
-from data.tokenizer import TOKENIZERS, get_tokenizer
+from data.shard import read_shard, write_atomically
+from data.tokenizer import TOKENIZERS, TokenizerDownloadError, get_tokenizer
 from model import CONFIGS, GPT, GPTConfig
+from runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
 # Config: typed sections, read from TOML, then command-line overrides. The defaults are configs/gpu.toml.
@@ -87,6 +96,7 @@ class OptimConfig:
     nesterov: bool = True
     ns_coefficients: str = "classic"  # Newton-Schulz: "classic" or "polar_express"
     ns_steps: int = 5
+    ns_dtype: str = "auto"         # Newton-Schulz matmuls: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float32"
     embed_lr: float = 0.6          # token embedding (AdamW)
     head_lr: float = 0.008         # output head (AdamW)
     scalar_lr: float = 0.04        # norm gains (AdamW)
@@ -120,6 +130,7 @@ class TrainConfig:
     bf16: bool = True              # bf16 autocast
     checkpoint_every: int = 500    # steps; 0 = only at the end; a multiple of log.every
     target_val_loss: float = 0.0   # stop once val loss <= this and report the time; 0 = off
+    dist_timeout_s: int = 600      # torch.distributed: seconds a collective may wait before the job fails
 
 
 @dataclass
@@ -127,6 +138,8 @@ class LogConfig:
     every: int = 10                # steps per console line / W&B point
     val_every: int = 125           # steps; 0 = only at the end
     heatmap_every: int = 250       # steps per layer x head max-logit picture; 0 = off; a multiple of every
+    spectrum_every: int = 0        # steps per momentum-spectrum measurement; 0 = off; a multiple of every
+    spectrum_matrices: list[str] = field(default_factory=lambda: ["attn.wo", "mlp.fc", "mlp.proj"])  # in every block
     sample_every: int = 500        # steps per prompt completions; 0 = only at the end
     prompts: list[str] = field(default_factory=lambda: ["The capital of France is", "Once upon a time,",
                                                         "The meaning of life is"])
@@ -135,8 +148,12 @@ class LogConfig:
     temperature: float = 0.8       # sampled completions
     top_k: int = 50                # sampled completions; 0 = the whole vocabulary
     wandb: str = "auto"            # "auto" (online if logged in, else offline), "online", "offline", "disabled"
-    wandb_project: str = "muon-speedrun"
-    wandb_name: str = ""           # "" = the run dir's name
+    wandb_project: str = ""        # "" = $WANDB_PROJECT, else "muon-speedrun"
+    wandb_name: str = ""           # "" = $WANDB_NAME, else the run dir's name
+    wandb_entity: str = ""         # "" = $WANDB_ENTITY, else your default entity
+    wandb_group: str = ""          # "" = $WANDB_RUN_GROUP, else none
+    wandb_tags: list[str] = field(default_factory=list)  # [] = $WANDB_TAGS (comma-separated), else none
+    wandb_notes: str = ""          # "" = $WANDB_NOTES, else none
     peak_flops: float = 989e12     # per device, for MFU: H100 bf16 dense
 
 
@@ -175,6 +192,8 @@ def checked(value, typ: type, key: str, source: str):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
         raise ConfigError(f"{source}: {key} = {value!r} is {type(value).__name__}; expected {type_name(typ)}")
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(f"{source}: {key} = {value!r}: expected a finite number")
     return float(value) if typ is float else value
 
 
@@ -235,6 +254,15 @@ def require(ok: bool, key: str, value, expected: str) -> None:
         raise ConfigError(f"{key} = {value!r}: expected {expected}")
 
 
+def validate_tokenizer_keys(cfg: Config) -> None:
+    """The checks that must come before the tokenizer loads: a demo run with gpt2 is a config error,
+    not a failed download."""
+    d = cfg.data
+    require(d.tokenizer in TOKENIZERS, "data.tokenizer", d.tokenizer, f"one of {TOKENIZERS}")
+    require(not d.demo or d.tokenizer == "bytes", "data.tokenizer", d.tokenizer,
+            '"bytes" with data.demo = true (the demo shards are byte-level)')
+
+
 def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
     """Check every value and how they fit together; returns the gradient accumulation steps."""
     d, o, s, t, lg = cfg.data, cfg.optim, cfg.schedule, cfg.train, cfg.log
@@ -242,8 +270,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
         model_cfg = gpt_config(cfg, vocab_size)
     except ValueError as e:
         raise ConfigError(f"[model] {e}") from None
-    require(d.tokenizer in TOKENIZERS, "data.tokenizer", d.tokenizer, f"one of {TOKENIZERS}")
-    require(not d.demo or d.tokenizer == "bytes", "data.tokenizer", d.tokenizer, '"bytes" with data.demo = true')
+    validate_tokenizer_keys(cfg)
     require(0 < d.seq_len <= model_cfg.block_size, "data.seq_len", d.seq_len,
             f"1 .. model.block_size = {model_cfg.block_size}")
     for key in ("lr", "weight_decay", "embed_lr", "head_lr", "scalar_lr", "adamw_weight_decay", "grad_clip"):
@@ -256,6 +283,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
         muon.ns_schedule(o.ns_coefficients, o.ns_steps)
     except ValueError as e:
         raise ConfigError(f"optim.ns_steps: {e}") from None
+    require(o.ns_dtype in NS_DTYPES, "optim.ns_dtype", o.ns_dtype, f"one of {tuple(NS_DTYPES)}")
     for key in ("momentum", "adamw_beta1", "adamw_beta2"):
         require(0 <= getattr(o, key) < 1, f"optim.{key}", getattr(o, key), "in [0, 1)")
     require(o.adamw_eps > 0 and o.muon_clip_tau > 0, "optim.adamw_eps / optim.muon_clip_tau",
@@ -269,6 +297,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
     require(s.momentum_warmup_steps >= 0, "schedule.momentum_warmup_steps", s.momentum_warmup_steps, ">= 0")
     require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "> 0")
     require(t.compile_warmup_steps >= 0, "train.compile_warmup_steps", t.compile_warmup_steps, ">= 0")
+    require(t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "> 0 seconds")
     per_micro_step = world_size * t.micro_batch_size * d.seq_len
     require(t.batch_tokens > 0 and t.batch_tokens % per_micro_step == 0, "train.batch_tokens", t.batch_tokens,
             f"a multiple of world_size {world_size} x train.micro_batch_size {t.micro_batch_size} x data.seq_len "
@@ -280,6 +309,8 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
             t.checkpoint_every, f"0 or a multiple of log.every = {lg.every} (a checkpoint follows a finite-loss check)")
     require(lg.heatmap_every >= 0 and lg.heatmap_every % lg.every == 0, "log.heatmap_every", lg.heatmap_every,
             f"0 or a multiple of log.every = {lg.every} (the max logits are measured on logged steps)")
+    require(lg.spectrum_every >= 0 and lg.spectrum_every % lg.every == 0, "log.spectrum_every", lg.spectrum_every,
+            f"0 or a multiple of log.every = {lg.every}")
     for key in ("val_every", "sample_every", "top_k"):
         require(getattr(lg, key) >= 0, f"log.{key}", getattr(lg, key), ">= 0")
     require(all(lg.prompts), "log.prompts", lg.prompts, "non-empty strings")
@@ -293,13 +324,30 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
     return t.batch_tokens // per_micro_step
 
 
+def config_help() -> str:
+    """Every config key with its type, default and the comment beside it in the source: --help's table."""
+    lines = ["Config keys (--section.key=value; the defaults are configs/gpu.toml's):"]
+    for section, cls in SECTIONS.items():
+        source = GPTConfig if cls is ModelConfig else cls  # ModelConfig is built from GPTConfig's fields
+        comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.*)$", inspect.getsource(source), flags=re.M))
+        comments["preset"] = f"a model.CONFIGS name ({', '.join(CONFIGS)}); the keys below change it"
+        defaults = asdict(cls()) if cls is not ModelConfig else asdict(CONFIGS[ModelConfig().preset])
+        defaults["preset"] = ModelConfig().preset
+        lines.append(f"  [{section}]")
+        for key, typ in typing.get_type_hints(cls).items():
+            typ = typing.get_args(typ)[0] if typing.get_args(typ) and type(None) in typing.get_args(typ) else typ
+            default = f"{defaults[key]:g}" if isinstance(defaults[key], float) else json.dumps(defaults[key])
+            lines.append(f"    {section}.{key}: {type_name(typ)} = {default}" + (f"  # {comments[key]}" if key in comments else ""))
+    return "\n".join(lines)
+
+
 def split_argv(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str | None]]]:
     """({"config": ..., "resume": ...}, [("section.key", text or None)]) from the command line."""
     flags, overrides, i = {}, [], 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(__doc__)
+            print(__doc__ + "\n" + config_help())
             sys.exit(0)
         if not arg.startswith("--"):
             raise ConfigError(f"command line: unexpected {arg!r}; expected --config FILE, --resume CHECKPOINT|latest "
@@ -313,6 +361,8 @@ def split_argv(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str | N
         if name in ("config", "resume"):
             if text is None:
                 raise ConfigError(f"command line: --{name} needs a value")
+            if name in flags:
+                raise ConfigError(f"command line: --{name} given twice ({flags[name]!r} and {text!r}); give it once")
             flags[name] = text
         elif "." in name:
             overrides.append((name, text))
@@ -344,7 +394,9 @@ def load_run_config(argv: list[str]) -> tuple[Config, Path | None]:
     if resume == "latest":
         found = checkpoints(Path(cfg.train.run_dir))
         if not found:
-            raise ConfigError(f"--resume latest: no checkpoint (ckpt_*.pt) in train.run_dir = {cfg.train.run_dir}")
+            raise ConfigError(f"--resume latest: no checkpoint (ckpt_*.pt) in train.run_dir = {cfg.train.run_dir}; "
+                              "the same command without --resume starts the run over (a metrics.jsonl left "
+                              "there is kept aside, not overwritten)")
         return cfg, found[-1][1]
     return cfg, Path(resume) if resume else None
 
@@ -353,14 +405,15 @@ def load_run_config(argv: list[str]) -> tuple[Config, Path | None]:
 # Device and data
 
 
-def setup_device(world_size: int) -> torch.device:
+def setup_device(world_size: int, timeout_s: int) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left under bf16 autocast
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        # A rank that hangs (a dead node, a stuck collective) fails the job after timeout_s, not torch's 10-30 min.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return device
 
@@ -369,8 +422,10 @@ def load_tokenizer(cfg: Config):
     try:
         return get_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_file or None)
     except (ValueError, OSError, RuntimeError) as e:
+        hint = ("; pass it with --data.tokenizer_file /path/to/r50k_base.tiktoken (or data.tokenizer_file in the config)"
+                if isinstance(e, TokenizerDownloadError) else "")
         raise ConfigError(f"data.tokenizer = {cfg.data.tokenizer!r}, data.tokenizer_file = "
-                          f"{cfg.data.tokenizer_file!r}: {e}") from None
+                          f"{cfg.data.tokenizer_file!r}: {e}{hint}") from None
 
 
 def build_loaders(cfg: Config, rank: int, world_size: int, device: torch.device, vocab_size: int):
@@ -381,11 +436,16 @@ def build_loaders(cfg: Config, rank: int, world_size: int, device: torch.device,
         train = TrainLoader(Path(d.dir) / d.train_files, t.micro_batch_size, d.seq_len, rank, world_size, t.seed, device)
         val = ValLoader(Path(d.dir) / d.val_files, d.val_tokens, t.micro_batch_size, d.seq_len, rank, world_size, device)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"data.dir = {d.dir!r}: {e} (FineWeb: python -m data.fineweb; or set data.demo = true)") from None
-    largest = int(val.tokens.max())
-    if largest >= vocab_size:  # else an embedding index error mid-step
-        raise ConfigError(f"data: the val shards hold token id {largest}, but data.tokenizer = {d.tokenizer!r} has "
-                          f"{vocab_size} tokens; were the shards made with another tokenizer?")
+        hint = (" (FineWeb: python -m data.fineweb --train-shards 17; your own text: python -m data.prepare FILES "
+                "--out DIR; no download: python train.py --config configs/demo.toml)"
+                if isinstance(e, FileNotFoundError) else "")
+        raise ConfigError(f"data.dir = {d.dir!r}: {e}{hint}") from None
+    # An id past the padded vocabulary crashes mid-run (on a GPU: a device assert, every rank down);
+    # one between the vocabulary and its padding trains on garbage. A memmap's max reads each shard once.
+    for path, largest in [(f, int(read_shard(f).max(initial=0))) for f in train.files] + [(d.val_files, int(val.tokens.max()))]:
+        if largest >= vocab_size:
+            raise ConfigError(f"data: {path} holds token id {largest}, but data.tokenizer = {d.tokenizer!r} has "
+                              f"{vocab_size} tokens (ids 0..{vocab_size - 1}); were the shards made with another tokenizer?")
     return train, val
 
 
@@ -407,6 +467,17 @@ def flops_per_token(model_cfg: GPTConfig, n_params: int, seq_len: int) -> int:
     return 6 * n_params + 6 * model_cfg.n_layer * model_cfg.n_head * seq_len * (qk + v)
 
 
+# CPUs without bf16 matrix units (AVX2, most AVX-512) run bf16 matmuls tens of times slower than
+# fp32 (50x on our 2-core CI machine), so "auto" keeps Newton-Schulz in fp32 off the GPU.
+NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    if NS_DTYPES[name] is not None:
+        return NS_DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def build_optimizer(cfg: Config, model: GPT) -> muon.Muon:
     """One muon.Muon: hidden matrices (Muon, or AdamW for the baseline), then AdamW groups for the
     embedding, the head and the gains, whose good learning rates are orders of magnitude apart."""
@@ -425,7 +496,8 @@ def build_optimizer(cfg: Config, model: GPT) -> muon.Muon:
               adamw(gains, o.scalar_lr, o.adamw_weight_decay)]
     return muon.Muon([g for g in groups if g["params"]], lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
                      nesterov=o.nesterov, ns_steps=o.ns_steps, ns_coefficients=o.ns_coefficients,
-                     lr_rule=o.lr_rule, compile_ns=cfg.train.compile)
+                     lr_rule=o.lr_rule, ns_dtype=ns_dtype(o.ns_dtype, model.lm_head.weight.device),
+                     compile=cfg.train.compile)
 
 
 def lr_factor(step: int, s: ScheduleConfig) -> float:
@@ -478,6 +550,8 @@ def train_step(model, raw_model: GPT, optimizer: muon.Muon, batches, cfg: Config
             max_logits = micro_max if max_logits is None else torch.maximum(max_logits, micro_max)
     if probe and dist.is_initialized():
         dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)  # every rank must clip the same heads
+    if measure_grad_norm and dist.is_initialized():  # on logged steps: one small all-reduce
+        check_gradients_match_across_ranks(raw_model)
     params = [p for p in raw_model.parameters() if p.grad is not None]
     grad_norm = None
     if cfg.optim.grad_clip > 0:
@@ -486,8 +560,25 @@ def train_step(model, raw_model: GPT, optimizer: muon.Muon, batches, cfg: Config
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    clipped = muon.qk_clip_(raw_model.attention_heads(), max_logits, cfg.optim.muon_clip_tau) if cfg.optim.muon_clip else None
+    # check_finite=False: no device sync per step; train_loop checks the max logits every log interval.
+    clipped = (muon.qk_clip_(raw_model.attention_heads(), max_logits, cfg.optim.muon_clip_tau, check_finite=False)
+               if cfg.optim.muon_clip else None)
     return loss_sum / grad_accum, grad_norm, max_logits, clipped
+
+
+def check_gradients_match_across_ranks(model: torch.nn.Module) -> None:
+    """Every rank must hold a gradient for the same parameters. One that only some ranks train (a
+    branch taken on some ranks' data) gets different updates on each, and the replicas drift
+    apart without an error: stop the run instead, naming the parameter."""
+    names, params = zip(*model.named_parameters())
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has_grad)
+    world = dist.get_world_size()
+    uneven = [(name, n) for name, n in zip(names, has_grad.tolist()) if 0 < n < world]
+    if uneven:
+        listed = ", ".join(f"{name} ({n} of {world} ranks)" for name, n in uneven[:5])
+        raise RunError(f"parameters with a gradient on some ranks only: {listed}; every rank must use every "
+                       "trained parameter in each step, or the ranks' weights drift apart")
 
 
 @torch.no_grad()
@@ -514,10 +605,14 @@ def complete_prompts(raw_model: GPT, tokenizer, cfg: Config, device: torch.devic
     for prompt in cfg.log.prompts:
         idx = torch.tensor(tokenizer.encode_ordinary(prompt), dtype=torch.long, device=device)
         for mode in modes:
-            with autocast(cfg, device):
-                out = raw_model.generate(idx, cfg.log.max_new_tokens, temperature=cfg.log.temperature,
-                                         top_k=cfg.log.top_k or None, greedy=mode == "greedy")
-            rows.append((prompt, mode, tokenizer.decode(out[len(idx):].tolist())))
+            try:
+                with autocast(cfg, device):
+                    out = raw_model.generate(idx, cfg.log.max_new_tokens, temperature=cfg.log.temperature,
+                                             top_k=cfg.log.top_k or None, greedy=mode == "greedy")
+                completion = tokenizer.decode(out[len(idx):].tolist())
+            except ValueError as e:  # diverged weights: the loss checks stop the run at the next log line
+                completion = f"[no completion: {e}]"
+            rows.append((prompt, mode, completion))
     raw_model.train()
     return rows
 
@@ -526,29 +621,45 @@ def complete_prompts(raw_model: GPT, tokenizer, cfg: Config, device: torch.devic
 # The run: config -> data -> model -> optimizer -> loop
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
+    """Run train.py with these arguments; returns the exit code (0 done, 128 + N stopped by signal N)."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cfg, resume_path = load_run_config(argv)
+    validate_tokenizer_keys(cfg)
     tokenizer = load_tokenizer(cfg)
     grad_accum = validate(cfg, world_size, tokenizer.n_vocab)
     checkpoint = read_checkpoint(resume_path) if resume_path else None
-    check_run_dir(cfg, checkpoint["step"] if checkpoint else None)
-    device = setup_device(world_size)
+    # Rank 0 alone writes: it takes the run dir (lock, checks, clean-up) before any data or model is built.
+    run_dir_lock = claim_run_dir(cfg, checkpoint["step"] if checkpoint else None) if rank == 0 else None
+    device = setup_device(world_size, cfg.train.dist_timeout_s)
+    refused = False
     try:
-        run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size)
+        with StopSignals() as signals:
+            exit_code = run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size, signals)
         if dist.is_initialized():
             dist.barrier()  # rank 0 may still be writing: a rank that tears down early can abort its peers
+    except ConfigError:
+        refused = True
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if run_dir_lock:
+            release_run_dir(run_dir_lock, wrote_nothing=refused)
+    return exit_code
 
 
-def run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size):
+def run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size, signals) -> int:
     train_loader, val_loader = build_loaders(cfg, rank, world_size, device, tokenizer.n_vocab)
     model_cfg = gpt_config(cfg, tokenizer.n_vocab)
     torch.manual_seed(cfg.train.seed)
     raw_model = GPT(model_cfg).to(device)
+    attention = raw_model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)
     optimizer = build_optimizer(cfg, raw_model)
+    unknown = set(cfg.log.spectrum_matrices) - set(spectrum_names(raw_model))
+    if cfg.log.spectrum_every and unknown:
+        raise ConfigError(f"log.spectrum_matrices: {sorted(unknown)} are not matrices of a block; "
+                          f"valid names: {', '.join(spectrum_names(raw_model))}")
     step, train_time = 0, 0.0
     if checkpoint:
         config_groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
@@ -563,17 +674,17 @@ def run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world
         set_rng_state(checkpoint["rng"], device)
         step, train_time = checkpoint["step"], checkpoint["train_time_s"]
     compiled = torch.compile(raw_model) if cfg.train.compile else raw_model
-    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else compiled
+    model = data_parallel(compiled, optimizer, device) if world_size > 1 else compiled
 
     n_params = raw_model.num_params(non_embedding=True)
     flops = flops_per_token(model_cfg, n_params, cfg.data.seq_len)
     run_config = {**asdict(cfg), "world_size": world_size, "grad_accum": grad_accum, "params": raw_model.num_params(),
-                  "params_non_embedding": n_params, "flops_per_token": flops,
+                  "params_non_embedding": n_params, "flops_per_token": flops, "sdpa_backend": attention,
                   "resumed_from": str(resume_path) if resume_path else ""}
-    log = RunLog(cfg, rank == 0, run_config)
+    log = RunLog(cfg, rank == 0, run_config, checkpoint, continues=repeats_checkpoint_run(checkpoint, cfg))
     log.print(f"{cfg.model.preset}: {raw_model.num_params() / 1e6:.2f}M parameters ({n_params / 1e6:.2f}M non-embedding), "
               f"{flops / 1e6:.0f} MFLOP/token | {device} x {world_size}, {grad_accum} micro-steps of "
-              f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} per step | {cfg.train.run_dir}")
+              f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} per step | attention: {attention} | {cfg.train.run_dir}")
     per_pass, reads = train_loader.tokens_per_pass(), cfg.schedule.steps * cfg.train.batch_tokens
     log.print(f"train data: {per_pass:,} tokens a pass over {len(train_loader.files)} shard file(s); "
               f"{cfg.schedule.steps} steps read {reads:,} tokens, {reads / per_pass:.2f} passes")
@@ -588,11 +699,33 @@ def run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world
                   f"in {seconds:.1f}s, then weights, optimizer state and RNG put back (not counted as training)")
     exit_code = 1
     try:
-        train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loader, tokenizer, log,
-                   device, grad_accum, flops, world_size, step, train_time)
-        exit_code = 0
+        exit_code = train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loader, tokenizer, log,
+                               device, grad_accum, flops, world_size, step, train_time, signals)
     finally:
         log.finish(exit_code)
+    return exit_code
+
+
+# What a resumed run may change and still repeat the original run's numbers exactly.
+REPEATABLE_CHANGES = ("log.", "train.checkpoint_every", "train.target_val_loss", "train.compile_warmup_steps",
+                      "train.dist_timeout_s")
+
+
+def data_parallel(compiled: torch.nn.Module, optimizer: muon.Muon, device: torch.device) -> DDP:
+    """DDP for the AdamW parameters only: the Muon matrices' gradients stay each rank's own, for
+    Muon's reduce-scatter to their owners (muon.Muon), instead of an all-reduce of twice the bytes."""
+    muon_params = {id(p) for group in optimizer.param_groups if group["use_muon"] for p in group["params"]}
+    ignored = [name for name, p in compiled.named_parameters() if id(p) in muon_params]
+    DDP._set_params_and_buffers_to_ignore_for_model(compiled, ignored)
+    return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def repeats_checkpoint_run(checkpoint: dict | None, cfg: Config) -> bool:
+    """Whether a run resumed from checkpoint repeats, bit for bit, what its run logged after it."""
+    if checkpoint is None or checkpoint["config"]["train"]["run_dir"] != cfg.train.run_dir:
+        return False
+    changed = [key for key, (a, b) in zip_flat(checkpoint["config"], asdict(cfg)) if a != b]
+    return all(key.startswith(REPEATABLE_CHANGES) for key in changed)
 
 
 def warm_up(model, compiled, raw_model: GPT, optimizer: muon.Muon, cfg: Config, grad_accum: int,
@@ -637,33 +770,51 @@ def zip_flat(a: dict, b: dict, prefix: str = ""):
 
 
 def train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loader, tokenizer, log,
-               device, grad_accum, flops, world_size, step, train_time):
+               device, grad_accum, flops, world_size, step, train_time, signals) -> int:
+    """Train from step to schedule.steps; returns the process exit code (0, or 128 + a stop signal's number).
+
+    At a step that validates, samples and checkpoints, they happen in that order, so a checkpoint's
+    step has been evaluated: a run resumed from it starts training at once."""
     s, lg, t = cfg.schedule, cfg.log, cfg.train
     run_dir = Path(t.run_dir)
     clock, wall_start = TrainClock(device, train_time), time.perf_counter()
-    last_saved = (checkpoints(run_dir) or [None])[-1]  # (step, path)
-    target_reached = False
+    # A checkpoint is good once a finite training loss has been computed from its weights: the
+    # loss check sees losses from before each update, so the latest save is unvouched until then.
+    good, unvouched = None, (checkpoints(run_dir) or [None])[-1]  # (step, path)
+    target_reached, resumed_at, stop_signal = False, step if step else None, None
     # This log interval's losses, max logits and clipped heads stay on the device until it ends.
     losses, max_logits, clipped = [], None, None
     interval_start = (step, clock.total)
 
     def save():
-        nonlocal last_saved
+        nonlocal unvouched
         clock.stop()
-        if log.enabled and (last_saved is None or last_saved[0] != step):
+        if step == resumed_at:  # the checkpoint this run started from
+            return
+        optimizer_state = optimizer.state_dict()  # every rank: a collective under Muon's owner sharding
+        if log.enabled:
             path = run_dir / f"ckpt_{step:06d}.pt"
-            state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "loader": train_loader.state_dict(), "rng": rng_state(device),
-                     "config": asdict(cfg), "train_time_s": clock.total}
-            write_atomically(path, lambda f: torch.save(state, f))  # never half a checkpoint
-            last_saved = (step, path)
+            state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer_state,
+                     "loader": train_loader.state_dict(), "rng": rng_state(device), "config": asdict(cfg),
+                     "train_time_s": clock.total, **log.state_dict()}
+            try:
+                write_atomically(path, lambda f: torch.save(state, f))  # never half a checkpoint
+            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+                kept = f"{unvouched[1]} (step {unvouched[0]})" if unvouched else "none"
+                raise RunError(f"could not write the checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                               f"nothing was left half-written; the latest checkpoint is {kept}") from None
+            unvouched = (step, path)
 
     while True:
-        last = step == s.steps
-        if (lg.val_every and step % lg.val_every == 0) or last:
+        finished, stopping = step == s.steps, stop_signal is not None
+        last = finished or stopping
+        evaluated = step == resumed_at  # before its checkpoint was written
+        if ((lg.val_every and step % lg.val_every == 0) or finished) and not evaluated:
             clock.stop()
             started = time.perf_counter()
             val_loss = evaluate(compiled, val_loader, cfg, device)
+            if not math.isfinite(val_loss):  # the weights of this step diverged: nothing of them is saved
+                raise NonFiniteLoss(non_finite_message(f"step {step}: val loss is {val_loss}", good, None))
             log.scalars(step, {"val/loss": val_loss})
             log.print(f"step {step:5d}/{s.steps} | val loss {val_loss:.4f} ({time.perf_counter() - started:.1f}s)")
             if t.target_val_loss and val_loss <= t.target_val_loss:
@@ -672,19 +823,26 @@ def train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loa
                           f"{'warmed up before, excluded' if t.compile_warmup_steps else 'included'}), "
                           f"{time.perf_counter() - wall_start:.1f}s wall")
                 log.summary({"target/step": step, "target/train_time_s": clock.total})
-                last = target_reached = True
-        if (lg.sample_every and step % lg.sample_every == 0 and step > 0) or last:
+                finished = last = target_reached = True
+        if ((lg.sample_every and step % lg.sample_every == 0 and step > 0) or finished) and not evaluated:
             clock.stop()
             log.completions_table(step, complete_prompts(raw_model, tokenizer, cfg, device) if log.enabled else [])
-        if last:
+        if last or (t.checkpoint_every and step % t.checkpoint_every == 0 and step > 0):
             save()
+        if last:
+            if stop_signal is not None:
+                if log.enabled:
+                    log.print(f"stopped by {signal.Signals(stop_signal).name} at step {step}, checkpoint saved; "
+                              f"resume with: {resume_command(unvouched[1], world_size)}")
+                return 128 + stop_signal
             if t.target_val_loss and not target_reached:
                 log.print(f"target val loss {t.target_val_loss} not reached in {s.steps} steps")
             log.print(f"done: step {step}, {clock.total:.1f}s of training, {time.perf_counter() - wall_start:.1f}s wall")
-            return
+            return 0
 
         clock.start()
-        flush = (step + 1) % lg.every == 0 or step + 1 == s.steps
+        # One process stops at the step a signal arrives; ranks agree on it at the next log line.
+        flush = (step + 1) % lg.every == 0 or step + 1 == s.steps or (world_size == 1 and signals.received is not None)
         # Without MuonClip the probe runs on logged steps only, which then report their own max logits.
         loss, grad_norm, step_max, step_clipped = train_step(
             model, raw_model, optimizer, train_loader, cfg, step, grad_accum,
@@ -699,146 +857,161 @@ def train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loa
             continue
 
         clock.stop()
-        values = torch.stack(losses)
+        # The interval's losses and this rank's stop request, in one transfer (and one all-reduce).
+        values = torch.cat([torch.stack(losses), torch.tensor([float(signals.received or 0)], device=device)])
         if world_size > 1:  # so every rank sees the same losses and stops at the same step
-            dist.all_reduce(values)
-            values /= world_size
-        values = values.tolist()  # the one wait for the device per log interval
-        check_finite(values, step, last_saved)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values[:-1] /= world_size
+        *values, signal_sum = values.tolist()  # the one wait for the device per log interval
+        if signal_sum:  # a signal on any rank stops every rank here
+            stop_signal = signals.received or signal.SIGTERM
+        grad_norm = grad_norm.item()
+        first_bad, fault = first_non_finite(values, grad_norm, max_logits, step)
+        if first_bad != 0 and unvouched:  # the interval's first loss came from the saved weights
+            good, unvouched = unvouched, None
+        if fault:
+            raise NonFiniteLoss(non_finite_message(fault, good, unvouched))
         steps_done, seconds = step - interval_start[0], clock.total - interval_start[1]
         tokens_per_s = steps_done * t.batch_tokens / seconds
         mfu = flops * tokens_per_s / (lg.peak_flops * world_size)
         lr = optimizer.param_groups[0]["lr"]  # the hidden matrices'
-        row = {"train/loss": sum(values) / len(values), "train/lr": lr, "train/grad_norm": grad_norm.item(),
+        row = {"train/loss": sum(values) / len(values), "train/lr": lr, "train/grad_norm": grad_norm,
                "train/tokens_per_s": tokens_per_s, "train/mfu": mfu, "train/time_s": clock.total,
                **attention_metrics(max_logits, clipped)}
+        if lg.spectrum_every and step % lg.spectrum_every == 0 and log.enabled:
+            row.update(spectrum_metrics(raw_model, optimizer, lg.spectrum_matrices))
         log.scalars(step, row)
         log.print(f"step {step:5d}/{s.steps} | loss {row['train/loss']:.4f} | lr {lr:.2e} | "
                   f"{tokens_per_s / 1e3:.1f}K tok/s | MFU {100 * mfu:.1f}% | max logit {row['attn/max_logit']:.1f}"
                   + (f" ({row['attn/clipped_heads']} clipped)" if clipped is not None else "")
                   + f" | ETA {duration((s.steps - step) * seconds / steps_done)}")
         if lg.heatmap_every and step % lg.heatmap_every == 0:
-            log.heatmap(step, max_logits.tolist())
+            log.heatmap(step, max_logits)
         losses, max_logits, clipped = [], None, None
         interval_start = (step, clock.total)
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
-            save()
 
 
-class NonFiniteLoss(RuntimeError):
-    """A nan or inf training loss: the run stops, and what it saved before stays the last checkpoint."""
+def resume_command(checkpoint: Path, world_size: int) -> str:
+    """The command line that resumes this run from checkpoint (which holds its config)."""
+    launcher = "python" if world_size == 1 else f"torchrun --nproc_per_node={world_size}"
+    return f"{launcher} train.py --resume {shlex.quote(str(checkpoint))}"
 
 
-def check_finite(losses: list[float], step: int, last_saved: tuple[int, Path] | None) -> None:
-    """Stop at the first non-finite loss of the interval that ended at step, before anything is saved."""
+class StopSignals:
+    """SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C) ask the run to stop: it finishes
+    the step, writes a checkpoint, ends the W&B run and exits with 128 + the signal's number. The
+    first signal puts the previous handlers back, so a second one acts at once (KeyboardInterrupt,
+    or the default SIGTERM kill)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signum
+        self.restore()
+        print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (a failed checkpoint write, a diverged run): one line for the user, no traceback."""
+
+
+class NonFiniteLoss(RunError):
+    """A nan or inf training loss or max logit: the run stops, and nothing is saved over the last good checkpoint."""
+
+
+def non_finite_message(what: str, good: tuple[int, Path] | None, unvouched: tuple[int, Path] | None) -> str:
+    """What went non-finite, and which checkpoint to resume. unvouched, a checkpoint saved just
+    before the first bad value, holds the weights that produced it: it is renamed *.pt.nonfinite,
+    so that --resume latest takes the good one."""
+    kept = (f"the last good checkpoint is {good[1]} (step {good[0]})" if good
+            else "no checkpoint had been written" if not unvouched else "no checkpoint is known to be good")
+    if unvouched:
+        poisoned = unvouched[1].with_name(unvouched[1].name + ".nonfinite")
+        os.replace(unvouched[1], poisoned)
+        kept += (f"; {unvouched[1].name} (step {unvouched[0]}) holds the update that led here and was renamed "
+                 f"{poisoned.name}")
+    return f"{what}; stopped without saving this state; {kept}"
+
+
+def first_non_finite(losses: list[float], grad_norm: float, max_logits: torch.Tensor | None,
+                     step: int) -> tuple[int | None, str]:
+    """(index into losses of the first step whose weights gave a non-finite value, or None; what it was)
+    for an interval of training steps ending at step. The grad norm is the last step's; the max
+    logits are the interval's maximum, so they do not date the fault."""
+    first_step = step - len(losses) + 1
     for i, value in enumerate(losses):
         if not math.isfinite(value):
-            kept = (f"the last good checkpoint is {last_saved[1]} (step {last_saved[0]})" if last_saved
-                    else "no checkpoint had been written")
-            raise NonFiniteLoss(f"step {step - len(losses) + i + 1}: training loss is {value}; "
-                                f"stopped without saving this state; {kept}")
+            return i, f"step {first_step + i}: training loss is {value}"
+    if not math.isfinite(grad_norm):  # a finite loss can hide weights that have already broken
+        return len(losses) - 1, f"step {step}: gradient norm is {grad_norm} (training loss {losses[-1]})"
+    if max_logits is not None and not max_logits.isfinite().all():
+        try:
+            muon.raise_if_not_finite(max_logits)
+        except ValueError as e:
+            return None, f"steps {first_step}..{step}: {e}"
+    return None, ""
 
 
 def attention_metrics(max_logits: torch.Tensor, clipped: torch.Tensor | None) -> dict:
-    """The largest attention logit overall and per layer, and how many heads MuonClip clipped."""
-    per_layer = max_logits.amax(dim=1).tolist()
-    row = {"attn/max_logit": max(per_layer), **{f"attn/max_logit/layer_{i}": v for i, v in enumerate(per_layer)}}
+    """The largest attention logit overall, per layer and per head, and how many heads MuonClip clipped."""
+    per_head = max_logits.tolist()
+    per_layer = [max(heads) for heads in per_head]
+    row = {"attn/max_logit": max(per_layer), **{f"attn/max_logit/layer_{i}": v for i, v in enumerate(per_layer)},
+           **{f"attn/max_logit/layer_{i}/head_{h}": v for i, heads in enumerate(per_head) for h, v in enumerate(heads)}}
     if clipped is not None:  # summed over the interval's steps
         row["attn/clipped_heads"] = int(clipped)
     return row
 
 
-# ----------------------------------------------------------------------------------------------
-# Logging: console, metrics.jsonl and Weights & Biases, on rank 0
+def spectrum(matrix: torch.Tensor, top: int = 3) -> tuple[float, float]:
+    """(stable rank ||M||_F^2 / ||M||_2^2, share of ||M||_F^2 in the `top` largest singular values).
+    The stable rank is 1 for a rank-one matrix and min(A, B) for an orthogonal one."""
+    energy = torch.linalg.svdvals(matrix.float()).square()
+    return (energy.sum() / energy[0]).item(), (energy[:top].sum() / energy.sum()).item()
 
 
-class RunLog:
-    """Rank 0's outputs; on other ranks every method does nothing."""
-
-    def __init__(self, cfg: Config, enabled: bool, run_config: dict):
-        self.enabled, self.wandb_run, self.completions = enabled, None, []
-        if not enabled:
-            return
-        self.run_dir = Path(cfg.train.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.wandb_run = start_wandb(cfg, self.run_dir, run_config)
-
-    def print(self, line: str) -> None:
-        if self.enabled:
-            print(line, flush=True)
-
-    def scalars(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.wandb_run:
-            self.wandb_run.log(values, step=step)
-
-    def heatmap(self, step: int, max_logits: list[list[float]]) -> None:
-        if self.wandb_run:
-            import wandb
-            self.wandb_run.log({"attn/max_logit_heatmap": wandb.Html(heatmap_svg(max_logits, step), inject=False)}, step=step)
-
-    def completions_table(self, step: int, rows: list[tuple[str, str, str]]) -> None:
-        if not self.enabled or not rows:
-            return
-        for prompt, mode, completion in rows:
-            self.print(f"  [{mode}] {prompt!r} -> {completion!r}")
-        self.completions += [(step, *row) for row in rows]
-        if self.wandb_run:  # W&B tables are immutable: log all rows so far, so the latest shows the history
-            import wandb
-            table = wandb.Table(columns=["step", "prompt", "mode", "completion"], data=self.completions)
-            self.wandb_run.log({"samples/completions": table}, step=step)
-
-    def summary(self, values: dict) -> None:
-        if self.wandb_run:
-            self.wandb_run.summary.update(values)
-
-    def finish(self, exit_code: int) -> None:
-        if self.wandb_run:
-            self.wandb_run.finish(exit_code=exit_code)
+def spectrum_names(raw_model: GPT) -> list[str]:
+    """The hidden matrices of a block, as log.spectrum_matrices names them ("attn.wo", "mlp.fc", ...)."""
+    return [name.removesuffix(".weight") for name, p in raw_model.blocks[0].named_parameters() if p.ndim == 2]
 
 
-def start_wandb(cfg: Config, run_dir: Path, run_config: dict):
-    """A wandb run, or None: W&B trouble changes what is logged, never the training itself."""
-    if cfg.log.wandb == "disabled":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("warning: the wandb package is not installed; logging to the console and metrics.jsonl only")
-        return None
-    try:
-        mode = cfg.log.wandb
-        if mode == "auto":
-            mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
-        return wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_name or run_dir.name, group=run_dir.name,
-                          dir=run_dir, config=run_config, mode=mode)
-    except Exception as e:
-        print(f"warning: wandb.init failed ({type(e).__name__}: {e}); continuing with W&B disabled")
-        return None
-
-
-def heatmap_svg(max_logits: list[list[float]], step: int) -> str:
-    """Layers as rows, heads as columns, white (0) to red (the largest), each cell labelled.
-    SVG inside wandb.Html needs no image package (wandb.Image needs Pillow)."""
-    cell, left, top = 44, 40, 34
-    largest = max(max(row) for row in max_logits) or 1.0
-    parts = [f'<text x="{left}" y="14" font-size="13">max attention logit, step {step} (rows: layers, columns: heads)</text>']
-    for h in range(len(max_logits[0])):
-        parts.append(f'<text x="{left + h * cell + cell // 2}" y="{top - 4}" font-size="10" text-anchor="middle">h{h}</text>')
-    for layer, row in enumerate(max_logits):
-        y = top + layer * cell
-        parts.append(f'<text x="{left - 4}" y="{y + cell // 2 + 4}" font-size="10" text-anchor="end">L{layer}</text>')
-        for h, value in enumerate(row):
-            fade = round(255 * (1 - max(value, 0.0) / largest))
-            parts.append(f'<rect x="{left + h * cell}" y="{y}" width="{cell}" height="{cell}" '
-                         f'fill="rgb(255,{fade},{fade})" stroke="#ccc"><title>layer {layer} head {h}: {value:.2f}</title></rect>'
-                         f'<text x="{left + h * cell + cell // 2}" y="{y + cell // 2 + 4}" font-size="10" '
-                         f'text-anchor="middle">{value:.1f}</text>')
-    width, height = left + cell * len(max_logits[0]) + 4, top + cell * len(max_logits) + 4
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{"".join(parts)}</svg>'
+def spectrum_metrics(raw_model: GPT, optimizer: muon.Muon, names: list[str]) -> dict:
+    """For the named matrices of every block: the stable rank and top-3 energy share of the
+    optimizer's first moment (Muon's momentum buffer; AdamW's exp_avg for the baseline) and, under
+    Muon, the stable rank of the orthogonalised momentum NS(M), what Muon steps along."""
+    groups = {p: group for group in optimizer.param_groups for p in group["params"]}
+    row = {}
+    for i, block in enumerate(raw_model.blocks):
+        for name in names:
+            p = block.get_parameter(f"{name}.weight")
+            state = optimizer.state.get(p, {})
+            moment = state.get("momentum_buffer", state.get("exp_avg"))
+            if moment is None or not moment.any():  # no gradient yet (zero-initialised neighbours)
+                continue
+            key = f"spectrum/layer_{i}/{name}"
+            row[f"{key}/moment_stable_rank"], row[f"{key}/moment_top3_energy"] = spectrum(moment)
+            group = groups[p]
+            if group["use_muon"]:
+                update = muon.newton_schulz(moment, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
+                row[f"{key}/update_stable_rank"] = spectrum(update)[0]
+    return row
 
 
 def duration(seconds: float) -> str:
@@ -882,13 +1055,21 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "loader", "rng", "config", "train_time_s")
+
+
 def read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--resume {path}: no such checkpoint file")
     try:  # mmap: reading the config does not load a GB of weights
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise ConfigError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ConfigError(f"--resume {path}: a torch file, but not one of train.py's checkpoints (it lacks "
+                          f"{', '.join(missing)}); checkpoints are the ckpt_NNNNNN.pt files in a train.run_dir")
+    return checkpoint
 
 
 def rng_state(device: torch.device) -> dict:
@@ -909,23 +1090,73 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def claim_run_dir(cfg: Config, resume_step: int | None):
+    """Make train.run_dir this run's: writable, locked against a second trainer, cleared of
+    temporary files that a killed writer left, and holding nothing a fresh run would write over.
+    Returns the open lock file; the lock holds until release_run_dir or the process's end."""
+    run_dir = Path(cfg.train.run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"train.run_dir = {cfg.train.run_dir}: cannot write there ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(f"train.run_dir = {cfg.train.run_dir} is in use by another trainer ({holder}); wait for it "
+                          "to end, or set another train.run_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    lock.created_run_dir = created  # so a run refused before it wrote anything leaves no folder behind
+    try:
+        check_run_dir(cfg, resume_step)
+    except ConfigError:
+        release_run_dir(lock, wrote_nothing=True)
+        raise
+    # Only a lock holder writes checkpoints here, so every temporary checkpoint file is a dead writer's.
+    for stale in run_dir.glob(".ckpt_*.tmp"):
+        print(f"removing {stale}: a checkpoint that a killed run was writing ({stale.stat().st_size:,} bytes)")
+        stale.unlink()
+    return lock
+
+
+def release_run_dir(lock, wrote_nothing: bool) -> None:
+    """Unlock; a run dir this run created and left empty (a config error found late) is removed."""
+    path = Path(lock.name)
+    lock.close()
+    if wrote_nothing and lock.created_run_dir and [p.name for p in path.parent.iterdir()] == [".lock"]:
+        path.unlink()
+        path.parent.rmdir()
+
+
 def check_run_dir(cfg: Config, resume_step: int | None) -> None:
-    """Refuse to write over another run's files: a fresh run needs a run dir without checkpoints or
-    metrics, a resumed one a run dir without checkpoints after its step."""
+    """Refuse to write over another run's files: a fresh run needs a run dir without checkpoints, a
+    resumed one a run dir without checkpoints after its step. The metrics of a run that stopped
+    before its first checkpoint (nothing to resume) are kept aside as metrics.N.jsonl."""
     run_dir = Path(cfg.train.run_dir)
     later = [path.name for step, path in checkpoints(run_dir) if resume_step is None or step > resume_step]
-    if resume_step is None and (run_dir / "metrics.jsonl").exists():
-        later.append("metrics.jsonl")
     if later:
         what = "already holds a run" if resume_step is None else f"holds checkpoints after step {resume_step}"
         raise ConfigError(f"train.run_dir = {cfg.train.run_dir} {what} ({', '.join(later[:3])}); resume it with "
                           "--resume latest, or set another train.run_dir")
+    metrics = run_dir / "metrics.jsonl"
+    if resume_step is None and metrics.exists():
+        kept = next(run_dir / f"metrics.{n}.jsonl" for n in range(1, 10**6) if not (run_dir / f"metrics.{n}.jsonl").exists())
+        os.rename(metrics, kept)
+        print(f"{run_dir} holds a run that stopped before its first checkpoint: its {metrics.name} is kept as "
+              f"{kept.name}, and this run starts over")
 
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
-    except (ConfigError, NonFiniteLoss) as e:
+        sys.exit(main(sys.argv[1:]))
+    except (ConfigError, RunError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

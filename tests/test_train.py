@@ -3,6 +3,7 @@ a resumed run repeats the uninterrupted one exactly, bad configs and non-finite 
 
 import functools
 import json
+import math
 import os
 import re
 import struct
@@ -158,9 +159,11 @@ def test_demo_config_learns_and_wandb_offline_run_has_every_key(demo_dir, tmp_pa
                for r in records if r.WhichOneof("record_type") == "history"]
     keys = set().union(*history)
     n_layer, n_head = 4, CONFIGS["tiny-mla"].n_head
-    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "val/loss",
-                "attn/max_logit", "attn/clipped_heads", "attn/max_logit_heatmap/_type", "samples/completions/_type"}
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/tokens",
+                "val/loss", "attn/max_logit", "attn/clipped_heads", "attn/max_logit_heatmap/_type",
+                "samples/completions/_type"}
     expected |= {f"attn/max_logit/layer_{i}" for i in range(n_layer)}
+    expected |= {f"attn/max_logit/layer_{i}/head_{h}" for i in range(n_layer) for h in range(n_head)}
     assert expected <= keys, expected - keys
     assert sum("train/loss" in row for row in history) == 6
     clipped = [json.loads(row["attn/clipped_heads"]) for row in history if "attn/clipped_heads" in row]
@@ -171,14 +174,21 @@ def test_demo_config_learns_and_wandb_offline_run_has_every_key(demo_dir, tmp_pa
     assert config["optim"]["muon_clip_tau"] == 2.0 and config["model"]["n_layer"] == n_layer
     assert config["model"]["n_head"] == n_head and config["world_size"] == 1
 
+    tokens = {json.loads(row["train/tokens"]) for row in history if "val/loss" in row}
+    assert tokens == {0, 15 * 4096, 30 * 4096}  # the x axis of every chart (define_metric)
+    defined = {r.metric.name or r.metric.glob_name: r.metric for r in records if r.WhichOneof("record_type") == "metric"}
+    assert defined["val/*"].step_metric == "train/tokens" and defined["val/loss"].summary.min
     media = next(run_dir.glob("wandb/offline-run-*/files/media"))
-    heatmaps = sorted(media.rglob("*.html"))
-    assert len(heatmaps) == 2 and all(h.read_text().count("<rect") == n_layer * n_head for h in heatmaps)
-    tables = [json.loads(p.read_text()) for p in media.rglob("*.table.json")]
-    table = max(tables, key=lambda t: len(t["data"]))  # the last one logged holds every row so far
-    assert table["columns"] == ["step", "prompt", "mode", "completion"]
-    assert {row[0] for row in table["data"]} == {15, 30}  # the history of completions
-    assert "The capital of France is" in {row[1] for row in table["data"]}
+    heatmaps = sorted(media.rglob("attn/max_logit_heatmap_*.png"))
+    assert len(heatmaps) == 2 and all(h.read_bytes()[:4] == b"\x89PNG" for h in heatmaps)
+    per_head = [row for row in metrics(run_dir) if "attn/max_logit/layer_3/head_3" in row]
+    assert len(per_head) == 6  # the numbers behind the picture, in metrics.jsonl too
+    # An incremental table: each log sends the rows added since the one before, never all again.
+    tables = [json.loads(p.read_text()) for p in sorted(media.rglob("*.table.json"))]
+    assert len(tables) == 2 and all(t["columns"] == ["step", "prompt", "mode", "completion"] for t in tables)
+    steps = [row[0] for t in tables for row in t["data"]]
+    assert steps == [15] * 6 + [30] * 6  # 3 prompts x greedy and sampled, each row once
+    assert "The capital of France is" in {row[1] for t in tables for row in t["data"]}
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tiny_data, tmp_path):
@@ -216,19 +226,22 @@ def test_compile_warm_up_leaves_no_trace_in_the_run(tiny_data, tmp_path, capsys)
     assert a["loader"] == b["loader"]
 
 
-def test_after_the_compile_warm_up_nothing_compiles_again(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_after_the_compile_warm_up_nothing_compiles_again(tiny_data, tmp_path, monkeypatch, backend):
     """The warm-up is what keeps compilation out of the speedrun's time: every graph the run needs
-    (probe on and off, evaluation, Newton-Schulz) exists when it ends. Dynamo's eager backend builds
-    the same graphs and guards as Inductor without generating code."""
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(muon, "_compiled_newton_schulz", None)  # not an Inductor one from another test
+    (probe on and off, evaluation, Muon's bucket steps) exists when it ends, and the model's
+    forward is one graph, with no graph break. Dynamo's eager backend builds the same graphs and
+    guards as Inductor without generating code; Inductor on the CPU builds the real thing."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    monkeypatch.setattr(muon, "_COMPILED", {})  # not another test's compiled functions
     torch._dynamo.reset()
-    graphs = torch._dynamo.utils.counters["stats"]
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     warm_up, built = train.warm_up, {}
 
     def counting_warm_up(*args, **kwargs):
         seconds = warm_up(*args, **kwargs)
-        built["by the warm-up"] = graphs["unique_graphs"]
+        built["by the warm-up"] = counters["stats"]["unique_graphs"]
         return seconds
 
     monkeypatch.setattr(train, "warm_up", counting_warm_up)
@@ -236,8 +249,10 @@ def test_after_the_compile_warm_up_nothing_compiles_again(tiny_data, tmp_path, m
     config = tiny_config(tmp_path, tiny_data, train__compile="true", train__compile_warmup_steps="2",
                          optim__muon_clip="false", log__every="3")
     train.main(["--config", config])
-    assert built["by the warm-up"] >= 4  # the forward with and without probe, evaluation, NS
-    assert graphs["unique_graphs"] == built["by the warm-up"]
+    # forward with and without the probe, evaluation, and one Muon graph per shape bucket
+    assert built["by the warm-up"] >= 6
+    assert counters["stats"]["unique_graphs"] == built["by the warm-up"]
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert len(train_losses(tmp_path / "run")) == 2
 
 
@@ -284,19 +299,53 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny_data, 
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
-    # An absurd head lr: after one step the logits overflow float32 and the loss is nan.
-    config = tiny_config(tmp_path, tiny_data, "diverge", optim__head_lr="1e38", train__checkpoint_every=1)
+def test_a_checkpoint_of_a_diverging_update_is_never_called_good(tiny_data, tmp_path, monkeypatch):
+    """The update of step 3 diverges (lr 1e36). The loss check sees each step's loss from before its
+    update, so the checkpoint written just before the first non-finite loss holds the weights that
+    produced it: it is renamed, the one before is named the last good one, --resume latest takes it."""
+    factor = train.lr_factor
+    monkeypatch.setattr(train, "lr_factor", lambda step, s: 1e36 if step == 2 else factor(step, s))
+    # No validation before the end: the training losses are the first to see the update.
+    config = tiny_config(tmp_path, tiny_data, "diverge", train__checkpoint_every=1, log__val_every=0, log__sample_every=0)
     with pytest.raises(train.NonFiniteLoss) as error:
         train.main(["--config", config])
-    saved = [p.name for p in sorted((tmp_path / "diverge").glob("*.pt*"))]
-    match = re.search(r"step (\d+): training loss is (nan|inf)", str(error.value))
+    run_dir = tmp_path / "diverge"
+    message = str(error.value)
+    # Here the weights of step 3 give a finite loss (uniform logits) but a nan gradient at step 4.
+    match = re.match(r"step (\d+): (training loss|gradient norm) is (nan|inf).*; stopped without saving this state; ",
+                     message)
+    assert match, message
+    bad = int(match.group(1))
+    assert bad == 4  # step 3's own loss came before its update
+    assert f"the last good checkpoint is {run_dir / f'ckpt_{bad - 2:06d}.pt'} (step {bad - 2})" in message
+    assert (f"ckpt_{bad - 1:06d}.pt (step {bad - 1}) holds the update that led here and was renamed "
+            f"ckpt_{bad - 1:06d}.pt.nonfinite") in message
+    assert sorted(p.name for p in run_dir.glob("*ckpt*")) == (  # no temporary files either
+        [f"ckpt_{s:06d}.pt" for s in range(1, bad - 1)] + [f"ckpt_{bad - 1:06d}.pt.nonfinite"])
+    monkeypatch.setattr(train, "lr_factor", factor)
+    train.main(["--config", config, "--resume", "latest", "--optim.lr=0.04"])
+    losses = train_losses(run_dir)
+    assert all(math.isfinite(losses[s]) for s in (3, 4, 5, 6))
+
+    # Validating every step finds bad weights at the step that made them, before they are saved.
+    monkeypatch.setattr(train, "lr_factor", lambda step, s: 1e36 if step == 2 else factor(step, s))
+    config = tiny_config(tmp_path, tiny_data, "validated", train__checkpoint_every=1, log__val_every=1)
+    with pytest.raises(train.NonFiniteLoss) as error:
+        train.main(["--config", config])
+    match = re.match(r"step (\d+): (val loss|training loss|gradient norm) is (nan|inf).*; stopped without saving this state; the last "
+                     r"good checkpoint is .*ckpt_(\d+).pt \(step \d+\)", str(error.value))
     assert match, str(error.value)
-    bad_step = int(match.group(1))
-    assert saved == [f"ckpt_{s:06d}.pt" for s in range(1, bad_step)]  # no temporary files either
-    assert f"the last good checkpoint is {tmp_path / 'diverge' / saved[-1]}" in str(error.value)
-    last = torch.load(tmp_path / "diverge" / saved[-1], weights_only=True)
-    assert last["step"] == bad_step - 1
+    saved = sorted(p.name for p in (tmp_path / "validated").glob("*ckpt*"))
+    if match.group(2) == "val loss":  # found at the step it happened: its state was never saved
+        assert saved == [f"ckpt_{s:06d}.pt" for s in range(1, int(match.group(1)))]
+
+
+def test_a_diverging_first_update_leaves_no_good_checkpoint(tiny_data, tmp_path):
+    # An absurd head lr: after one step the logits overflow float32 and the loss is nan.
+    config = tiny_config(tmp_path, tiny_data, "diverge", optim__head_lr="1e38", train__checkpoint_every=1)
+    with pytest.raises(train.NonFiniteLoss, match=r"^step 2: training loss is (nan|inf); .*no checkpoint is known "
+                                                  r"to be good; ckpt_000001.pt \(step 1\) holds the update"):
+        train.main(["--config", config])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,10 +438,17 @@ def test_a_fresh_run_never_writes_over_another_runs_checkpoints(tiny_data, tmp_p
     with pytest.raises(train.ConfigError, match=r"already holds a run \(ckpt_000003.pt\); resume it with"):
         train.main(["--config", config])
     assert (tmp_path / "run" / "ckpt_000003.pt").read_bytes() == b"precious"
-    (tmp_path / "crashed").mkdir()  # a run that stopped before its first checkpoint
-    (tmp_path / "crashed" / "metrics.jsonl").write_text('{"step": 0, "val/loss": 5.0}\n')
-    with pytest.raises(train.ConfigError, match=r"already holds a run \(metrics.jsonl\)"):
-        train.main(["--config", config, "--train.run_dir", str(tmp_path / "crashed")])
+    # A run that stopped before its first checkpoint has nothing to resume: it starts over and its
+    # metrics are kept aside, twice over.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "metrics.jsonl").write_text('{"step": 0, "val/loss": 5.0}\n')
+    with pytest.raises(train.ConfigError, match=r"--resume latest: no checkpoint .*without --resume starts the run over"):
+        train.main(["--config", config, "--train.run_dir", str(crashed), "--resume", "latest"])
+    (crashed / "metrics.1.jsonl").write_text("earlier\n")
+    train.main(["--config", config, "--train.run_dir", str(crashed), "--schedule.steps=1", "--train.checkpoint_every=0"])
+    assert (crashed / "metrics.2.jsonl").read_text() == '{"step": 0, "val/loss": 5.0}\n'
+    assert (crashed / "metrics.1.jsonl").read_text() == "earlier\n" and list(train_losses(crashed)) == [1]
 
 
 def test_the_script_reports_errors_in_one_line_without_a_traceback(tiny_data, tmp_path):

@@ -1,0 +1,167 @@
+"""What a training run reports, on rank 0: the console, metrics.jsonl and Weights & Biases.
+
+One run is one W&B run. The checkpoint keeps the W&B run id and the completions logged so far,
+so `--resume` in the same train.run_dir with the same config continues that run (wandb's
+resume="allow"): the steps logged before the resume (up to the last row of metrics.jsonl) are not
+logged again, since the resumed run repeats them bit for bit, and the completions table keeps its
+whole history. A resume that changes the numbers (another lr, more steps, ...) or the run dir is a
+new W&B run: its rows supersede the earlier ones of the same steps in metrics.jsonl.
+
+W&B settings: a log.wandb_* key left "" (or []) leaves the choice to wandb's environment variables
+(WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_NOTES); the project
+then defaults to "muon-speedrun" and the name to the run dir's. A missing wandb package or a
+failed wandb.init is a warning: W&B trouble changes what is logged, never the training.
+"""
+
+import inspect
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_PROJECT = "muon-speedrun"
+COMPLETION_COLUMNS = ["step", "prompt", "mode", "completion"]
+
+
+class RunLog:
+    """Rank 0's outputs; on other ranks every method does nothing."""
+
+    def __init__(self, cfg, enabled: bool, run_config: dict, checkpoint: dict | None = None, continues: bool = False):
+        """checkpoint: the one resumed from; continues: the resumed run repeats what was logged after
+        it bit for bit (same run dir, nothing changed that changes the numbers), so the W&B run goes on."""
+        self.enabled, self.wandb_run, self.completions, self.table = enabled, None, [], None
+        if not enabled:
+            return
+        self.run_dir = Path(cfg.train.run_dir)
+        self.batch_tokens = cfg.train.batch_tokens
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.completions = [tuple(row) for row in checkpoint.get("completions", [])] if checkpoint else []
+        self.logged_up_to = last_logged_step(self.run_dir / "metrics.jsonl") if continues else -1
+        if continues and self.logged_up_to > checkpoint["step"]:
+            print(f"steps {checkpoint['step'] + 1}..{self.logged_up_to} were logged before the resume; "
+                  "they repeat exactly and are not logged again")
+        run_id = checkpoint.get("wandb_run_id") if continues else None
+        self.wandb_run = start_wandb(cfg, self.run_dir, run_config, run_id)
+        self.incremental = self.wandb_run is not None and "log_mode" in inspect.signature(wandb_module().Table).parameters
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the log: the W&B run to continue and the completions so far."""
+        if not self.enabled:
+            return {}
+        return {"wandb_run_id": self.wandb_run.id if self.wandb_run else None,
+                "completions": [list(row) for row in self.completions]}
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled or step <= self.logged_up_to:
+            return
+        values = {**values, "train/tokens": step * self.batch_tokens}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb_run:
+            self.wandb_run.log(values, step=step)
+
+    def heatmap(self, step: int, max_logits: torch.Tensor) -> None:
+        if self.wandb_run and step > self.logged_up_to:
+            image = wandb_module().Image(heatmap_figure(max_logits.tolist(), step))
+            self.wandb_run.log({"attn/max_logit_heatmap": image}, step=step)
+
+    def completions_table(self, step: int, rows: list[tuple[str, str, str]]) -> None:
+        if not self.enabled or not rows or step <= self.logged_up_to:
+            return
+        for prompt, mode, completion in rows:
+            self.print(f"  [{mode}] {prompt!r} -> {completion!r}")
+        new_rows = [(step, *row) for row in rows]
+        self.completions += new_rows
+        if not self.wandb_run:
+            return
+        wandb = wandb_module()
+        if self.incremental:  # each log sends only the rows added since the last one
+            if self.table is None:
+                self.table = wandb.Table(columns=COMPLETION_COLUMNS, log_mode="INCREMENTAL")
+            for row in new_rows:
+                self.table.add_data(*row)
+        else:  # an older wandb: tables are immutable, so log every row so far
+            self.table = wandb.Table(columns=COMPLETION_COLUMNS, data=self.completions)
+        self.wandb_run.log({"samples/completions": self.table}, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.wandb_run:
+            self.wandb_run.summary.update(values)
+
+    def finish(self, exit_code: int) -> None:
+        if self.wandb_run:
+            self.wandb_run.finish(exit_code=exit_code)
+
+
+def wandb_module():
+    import wandb
+    return wandb
+
+
+def last_logged_step(metrics: Path) -> int:
+    """The largest step in a metrics.jsonl, -1 if there is none."""
+    if not metrics.exists():
+        return -1
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+    return max(steps, default=-1)
+
+
+def start_wandb(cfg, run_dir: Path, run_config: dict, run_id: str | None):
+    """A wandb run (run_id: the one to continue), or None."""
+    lg = cfg.log
+    if lg.wandb == "disabled":
+        return None
+    try:
+        wandb = wandb_module()
+    except ImportError:
+        print("warning: the wandb package is not installed; logging to the console and metrics.jsonl only")
+        return None
+    try:
+        mode = lg.wandb
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
+        run = wandb.init(
+            project=lg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            name=lg.wandb_name or os.environ.get("WANDB_NAME") or run_dir.name,
+            # None: wandb reads WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_NOTES itself.
+            entity=lg.wandb_entity or None, group=lg.wandb_group or None, tags=lg.wandb_tags or None,
+            notes=lg.wandb_notes or None, dir=run_dir, config=run_config, mode=mode,
+            id=run_id, resume="allow" if run_id else None)
+    except Exception as e:
+        print(f"warning: wandb.init failed ({type(e).__name__}: {e}); continuing with W&B disabled")
+        return None
+    # Charts against tokens seen, so runs with other batch sizes line up; val/loss keeps its best.
+    run.define_metric("train/tokens")
+    for prefix in ("train/*", "val/*", "attn/*", "spectrum/*"):
+        run.define_metric(prefix, step_metric="train/tokens")
+    run.define_metric("val/loss", summary="min")
+    return run
+
+
+def heatmap_figure(max_logits: list[list[float]], step: int) -> "PIL.Image.Image":
+    """A picture (matplotlib, as a PIL image) of the max logits, layers as rows and heads as columns, each cell labelled."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on a training box
+    import matplotlib.pyplot as plt
+    import PIL.Image
+
+    n_layer, n_head = len(max_logits), len(max_logits[0])
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * n_head, 0.8 + 0.4 * n_layer))
+    image = ax.imshow(max_logits, cmap="Reds", vmin=0, aspect="auto")
+    for layer, row in enumerate(max_logits):
+        for head, value in enumerate(row):
+            ax.text(head, layer, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    ax.set(xlabel="head", ylabel="layer", xticks=range(n_head), yticks=range(n_layer),
+           title=f"max attention logit, step {step}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    return PIL.Image.open(png)
