@@ -780,7 +780,7 @@ def train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loa
     clock, wall_start = TrainClock(device, train_time), time.perf_counter()
     # A checkpoint is good once a finite training loss has been computed from its weights: the
     # loss check sees losses from before each update, so the latest save is unvouched until then.
-    good, unvouched = None, (checkpoints(run_dir) or [None])[-1]  # (step, path)
+    good, unvouched = None, (checkpoints(run_dir) or [None])[-1] if log.enabled else None  # (step, path), rank 0
     target_reached, resumed_at, stop_signal = False, step if step else None, None
     # This log interval's losses, max logits and clipped heads stay on the device until it ends.
     losses, max_logits, clipped = [], None, None
@@ -831,9 +831,11 @@ def train_loop(cfg, model, compiled, raw_model, optimizer, train_loader, val_loa
             save()
         if last:
             if stop_signal is not None:
-                if log.enabled:
+                if log.enabled and unvouched:
                     log.print(f"stopped by {signal.Signals(stop_signal).name} at step {step}, checkpoint saved; "
                               f"resume with: {resume_command(unvouched[1], world_size)}")
+                elif log.enabled:  # stopped before a step: the checkpoint it resumed from is the latest
+                    log.print(f"stopped by {signal.Signals(stop_signal).name} at step {step}, before training")
                 return 128 + stop_signal
             if t.target_val_loss and not target_reached:
                 log.print(f"target val loss {t.target_val_loss} not reached in {s.steps} steps")
