@@ -146,7 +146,7 @@ def test_step_equals_torch_optim_muon(lr_rule, nesterov):
 
 
 def reference_muon_float64(params, grads_per_step, lr, wd, mu, nesterov, lr_rule, coefficients):
-    """The update formula of DESIGN.md, written out in float64 one matrix at a time."""
+    """The update formula (README, "The formulas"), written out in float64 one matrix at a time."""
     params = [p.double().clone() for p in params]
     momenta = [torch.zeros_like(p) for p in params]
     for grads in grads_per_step:
