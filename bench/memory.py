@@ -7,7 +7,7 @@
 Optimizer state is the sum of every tensor in optimizer.state after the first step, when it
 exists. Muon keeps one fp32 momentum buffer per hidden matrix; AdamW keeps exp_avg and exp_avg_sq
 (the parameter's dtype) and a scalar step per tensor; embedding, head and gains take AdamW in both
-runs. DESIGN.md's reference for GPT-2-small: AdamW 1.30 GB, Muon on the matrices + AdamW on the
+runs. The reference for GPT-2-small (one H100, measured for this project): AdamW 1.30 GB, Muon on the matrices + AdamW on the
 rest 0.96 GB. Peak memory is torch.cuda.max_memory_allocated over three train.train_step calls on
 random tokens (weights, gradients, activations, optimizer state and the step's temporaries);
 CUDA only, so a CPU run reports state bytes alone. Writes a bar plot, prints a table last.
@@ -57,6 +57,7 @@ def measure(plan: dict, optimizer_name: str, device: torch.device, steps: int, c
     vocab_size = VOCAB_SIZES["gpt2"]
     torch.manual_seed(0)
     raw_model = GPT(train.gpt_config(cfg, vocab_size)).to(device)
+    raw_model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)  # as train.py does
     optimizer = train.build_optimizer(cfg, raw_model)
     model = torch.compile(raw_model) if compile else raw_model
     batches = random_batches(cfg, vocab_size, device)

@@ -1,6 +1,7 @@
 """MuonClip: a run whose attention logits grow (high Muon lr, no clip) against the same run with tau.
 
     python -m bench.muonclip                 # CUDA: the ~30M MLA of bench/muon_vs_adamw on .devdata/corpus, ~3 min on an H100
+    python -m bench.muonclip --demo          # CPU: configs/demo.toml pushed (2x lr, no decay), ~8 min on 2 cores
     python -m bench.muonclip --smoke         # CPU: tiny MLA on the byte-level demo data, seconds
     python -m bench.muonclip --lr 0.5 --tau 30 --steps 400 --out bench/results/muonclip.png
 
@@ -28,6 +29,7 @@ import torch
 
 import train
 from bench.figure import plt, save
+from bench.muon_vs_adamw import DEMO as DEMO_MODEL
 from bench.muon_vs_adamw import FULL as FULL_MODEL
 from bench.muon_vs_adamw import SMOKE as SMOKE_MODEL
 from bench.muon_vs_adamw import device_name, make_config, train_run
@@ -36,13 +38,15 @@ from data.demo import ensure_demo_shards
 FULL = {**FULL_MODEL, "batch_tokens": 32768, "val_tokens": 262144, "steps": 400, "lr": 0.5, "tau": 30.0,
         "reprobe_every": 10}
 SMOKE = {**SMOKE_MODEL, "steps": 30, "lr": 0.5, "tau": 30.0, "reprobe_every": 1}
+# The demo's recipe with twice its lr and no weight decay: the logits grow well past tau unclipped.
+DEMO = {**DEMO_MODEL, "steps": 300, "lr": 0.016, "weight_decay": 0.0, "tau": 30.0, "reprobe_every": 10}
 
 
 def reprober(cfg: train.Config, device: torch.device, every: int, probed: list):
     """An on_step hook: the max logit of the step's own micro-batches through the weights after the step."""
 
     @torch.no_grad()
-    def probe(step, model, batches):
+    def probe(step, model, batches, optimizer):
         if step % every:
             return
         largest = -math.inf
@@ -76,7 +80,9 @@ def plot(runs: dict, tau: float, out: Path, title: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model, demo data, a few steps (CPU)")
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--demo", action="store_true", help="configs/demo.toml, pushed (CPU, minutes)")
+    preset.add_argument("--smoke", action="store_true", help="tiny model, demo data, a few steps (CPU)")
     parser.add_argument("--data-dir", default=None, help="default .devdata/corpus; --smoke: data.demo's shards")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="Muon's lr, high on purpose")
@@ -85,11 +91,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--out", default="bench/results/muonclip.png")
     args = parser.parse_args(argv)
-    plan = dict(SMOKE if args.smoke else FULL)
+    plan = dict(DEMO if args.demo else SMOKE if args.smoke else FULL)
     for key in ("steps", "lr", "tau", "reprobe_every"):
         plan[key] = getattr(args, key) or plan[key]
-    tokenizer = "bytes" if args.smoke else "gpt2"
-    data_dir = args.data_dir or (str(ensure_demo_shards()) if args.smoke else ".devdata/corpus")
+    tokenizer = "bytes" if args.smoke or args.demo else "gpt2"
+    data_dir = args.data_dir or (str(ensure_demo_shards()) if args.smoke or args.demo else ".devdata/corpus")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -102,6 +108,8 @@ def main(argv=None) -> dict:
     for name, clip in (("no clip", False), (f"MuonClip tau={plan['tau']:g}", True)):
         cfg = make_config(plan, data_dir, tokenizer, "muon", plan["lr"], plan["steps"], args.compile, device,
                           muon_clip=clip, tau=plan["tau"])
+        if "weight_decay" in plan:
+            cfg.optim.weight_decay = plan["weight_decay"]
         probed = []
         run = train_run(cfg, device, eval_every=plan["steps"], probe=True,
                         on_step=reprober(cfg, device, plan["reprobe_every"], probed))
@@ -133,7 +141,8 @@ def main(argv=None) -> dict:
         reprobed = max(logit for _, logit in run["reprobed"])
         within = f"{'yes' if reprobed <= tau * (1 + rounding) else 'no'} ({reprobed / tau:.4f} tau)"
         clips = int(sum(run["clipped_heads"])) if run["clipped_heads"] else "-"
-        print(f"| {name} | {max(run['max_logit']):.2f} | {reprobed:.2f} | {within} | {clips} | "
+        before = max(run["max_logit"])
+        print(f"| {name} | {before:.2f} ({before / tau:.3f} tau) | {reprobed:.2f} | {within} | {clips} | "
               f"{sum(run['train_loss'][-last:]) / len(run['train_loss'][-last:]):.4f} | {run['val'][-1][3]:.4f} |")
     return dict(runs=runs, control=control, control_tau=control_tau, tau=plan["tau"], out=out)
 

@@ -63,17 +63,11 @@ def plot(results: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
-def ns_flops(shape, steps=5) -> float:
-    """Matmul FLOPs of `steps` NS steps on an (A, B) matrix, worked on its wide side (m <= n)."""
-    m, n = sorted(shape)
-    return steps * 2 * (m * m * n + m * m * m + m * m * n)  # X X^T, S S, poly X
-
-
 def speed_rows():
     device = torch.device("cuda")
     shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
     grads = [torch.randn(s, device=device) for _ in range(12) for s in shapes]
-    flops = sum(ns_flops(g.shape) for g in grads)
+    flops = sum(muon.ns_flops(tuple(g.shape), 5) for g in grads)
     buckets = muon._buckets_by_shape(grads)
     stacks = [torch.stack([muon._as_wide(g) for g in bucket]) for bucket in buckets]
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)

@@ -1,15 +1,22 @@
 """Time one optimizer step on a GPT-2-small parameter set: ours against torch.optim.Muon + AdamW.
 
-    python -m bench.optimizer_step                 # CUDA if present, else CPU
-    python -m bench.optimizer_step --layers 2      # a quick look on a CPU
+    python -m bench.optimizer_step                       # CUDA if present, else CPU
+    python -m bench.optimizer_step --layers 2 --compile  # a quick look on a CPU, eager and compiled
 
 The parameter set is GPT-2-small's (d=768): per layer four 768x768 attention matrices, a
 3072x768 and a 768x3072 MLP matrix (Muon), plus token and position embeddings, an untied
 output head and the norm gains (AdamW). Gradients are random and fixed; every optimizer sees
-the same ones. Prints a table last.
+the same ones.
+
+Besides the time, the first table counts what one step of muon.Muon asks of the host: the ATen
+operations it dispatches (on a GPU each is a kernel launch and host time spent issuing it; a
+compiled graph dispatches only the matmuls it leaves to BLAS, its fused kernels run inside the
+graph) and the step's host milliseconds. On a CPU every "ms" is the step's whole time; on a GPU
+the second table's are device time (bench.timing). Prints the tables last.
 """
 
 import argparse
+import time
 
 import torch
 
@@ -33,6 +40,29 @@ def gpt2_small_params(layers: int, d: int, vocab: int, device) -> tuple[list, li
     return matrices, others
 
 
+def ops_per_step(step) -> int:
+    """ATen operations one step dispatches, nested ones (aten::linear's aten::mm) not counted twice."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.events()
+    return sum(1 for e in events if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def host_ms(step, warmup: int, iters: int) -> float:
+    """Median wall milliseconds for the Python call alone (on a GPU: issuing, not running, the work)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - start))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
 def ns_one_at_a_time(matrices, coefficients):
     for p in matrices:
         muon.newton_schulz(p.grad, coefficients)
@@ -43,26 +73,35 @@ def ns_batched(matrices, coefficients):
         muon.newton_schulz(torch.stack([muon._as_wide(p.grad) for p in bucket]), coefficients)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--d", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="also time ours with compile_ns=True")
-    args = parser.parse_args()
+    parser.add_argument("--compile", action="store_true", help="also time ours with compile=True (one graph a bucket)")
+    args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 Newton-Schulz on a GPU, fp32 on a CPU (train.py's optim.ns_dtype = "auto").
+    ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     matrices, others = gpt2_small_params(args.layers, args.d, args.vocab, device)
     n_matrix = sum(p.numel() for p in matrices)
     n_other = sum(p.numel() for p in others)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, Newton-Schulz in {ns_dtype}")
     print(f"{len(matrices)} hidden matrices ({n_matrix / 1e6:.1f}M), {len(others)} other tensors ({n_other / 1e6:.1f}M)")
 
-    def ours(compile_ns):
+    def ours(compile):
         opt = muon.Muon([dict(params=matrices), dict(params=others, use_muon=False)],
-                        lr=1e-3, weight_decay=0.0, compile_ns=compile_ns)
+                        lr=1e-3, weight_decay=0.0, ns_dtype=ns_dtype, compile=compile)
         return opt.step
+
+    modes = [("eager", ours(False))] + ([("compiled", ours(True))] if args.compile else [])
+    counts = []
+    for mode, step in modes:
+        step()  # compiles, in the compiled mode, and creates the state
+        counts.append((mode, ops_per_step(step), host_ms(step, args.warmup, args.iters)))
 
     torch_muon = torch.optim.Muon(matrices, lr=1e-3, weight_decay=0.0)
     torch_adamw = torch.optim.AdamW(others, lr=1e-3, weight_decay=0.0, fused=True)
@@ -76,14 +115,15 @@ def main():
         ("fused AdamW alone (the non-matrix part)", median_ms(torch_adamw.step, args.warmup, args.iters)),
         ("NS classic, one matrix at a time", median_ms(lambda: ns_one_at_a_time(matrices, "classic"), args.warmup, args.iters)),
         ("NS classic, batched by shape", median_ms(lambda: ns_batched(matrices, "classic"), args.warmup, args.iters)),
-        ("muon.Muon step (classic), eager", median_ms(ours(False), args.warmup, args.iters)),
-    ]
-    if args.compile:
-        rows.append(("muon.Muon step (classic), compile_ns", median_ms(ours(True), args.warmup, args.iters)))
+    ] + [(f"muon.Muon step (classic), {mode}", median_ms(step, args.warmup, args.iters)) for mode, step in modes]
+    print("\n| muon.Muon step | ATen ops dispatched | host ms (median) |\n|---|---:|---:|")
+    for mode, ops, ms in counts:
+        print(f"| {mode} | {ops} | {ms:.2f} |")
     baseline = rows[0][1]
     print("\n| what | ms per step | vs torch.optim.Muon + AdamW |\n|---|---:|---:|")
-    for name, ms in rows:
-        print(f"| {name} | {ms:.2f} | {baseline / ms:.1f}x |")
+    for what, ms in rows:
+        print(f"| {what} | {ms:.2f} | {baseline / ms:.1f}x |")
+    return dict(counts=counts, rows=rows)
 
 
 if __name__ == "__main__":

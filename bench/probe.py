@@ -9,7 +9,7 @@ probe's forward (it runs under no_grad, so it has no backward) as chunked torch 
 compiled, and as the fused Triton kernel, eager and inside torch.compile. q and k are transposed
 views of (B, T, H, D), as in the model. First checks that the kernel gives the chunked probe's
 maxima on the same inputs in fp32. Prints a table last: ms per layer, and the probe as a
-percentage of attention fwd+bwd (DESIGN.md: the probe should stay under 5% of a training step).
+percentage of attention fwd+bwd (the goal: probe and MuonClip under 5% of a training step).
 """
 
 import argparse

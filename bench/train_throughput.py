@@ -1,7 +1,7 @@
 """Tokens/s and MFU of train.py's real training step, with the max-logit probe off, on, and with MuonClip.
 
     python -m bench.train_throughput                          # configs/gpu.toml: 124M MLA, seq 1024, compile, bf16
-    python -m bench.train_throughput --data.tokenizer_file=../shared/tokenizers/r50k_base.tiktoken   # offline
+    python -m bench.train_throughput --data.tokenizer_file=.devdata/r50k_base.tiktoken              # offline
     python -m bench.train_throughput --config configs/demo.toml --steps 3 --warmup 1                # CPU smoke check
     python -m bench.train_throughput --train.micro_batch_size=64                                    # any config key
 
@@ -53,6 +53,7 @@ def main():
     model_cfg = train.gpt_config(cfg, vocab_size)
     torch.manual_seed(cfg.train.seed)
     raw_model = train.GPT(model_cfg).to(device)
+    raw_model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)  # as train.py does
     optimizer = train.build_optimizer(cfg, raw_model)
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
     B, T = cfg.train.micro_batch_size, cfg.data.seq_len

@@ -18,15 +18,33 @@ def assert_png(path) -> None:
 
 def test_muon_vs_adamw_smoke(tmp_path, capsys):
     result = muon_vs_adamw.main(["--smoke", "--out", str(tmp_path / "muon_vs_adamw.png")])
-    assert last_line(capsys).startswith("| Muon / AdamW tokens |")
+    assert last_line(capsys).startswith("| torch.optim.Muon |")
     assert_png(tmp_path / "muon_vs_adamw.png")
+    assert list(result["runs"]) == ["muon", "adamw", "torch_muon"]
     for name, run in result["runs"].items():
         steps, tokens, seconds, losses = zip(*run["val"])
-        assert run["cfg"].optim.optimizer == name and run["cfg"].optim.lr == result["best"][name]
+        assert run["cfg"].optim.optimizer == ("adamw" if name == "adamw" else "muon")
+        assert run["cfg"].optim.lr == result["best"][name]
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, (name, losses)
         assert list(tokens) == sorted(tokens) and list(seconds) == sorted(seconds)
         assert result["best"][name] == min(result["sweeps"][name], key=lambda r: r[1])[0]
     assert math.isnan(result["ratio"]) or 0 < result["ratio"] <= 1
+
+
+def test_torch_muon_reference_steps_the_matrices_with_torch_optim_muon():
+    from model import GPT
+    cfg = muon_vs_adamw.make_config(muon_vs_adamw.SMOKE, "unused", "bytes", "torch_muon", 0.02, 4, False,
+                                    muon_vs_adamw.torch.device("cpu"))
+    reference = muon_vs_adamw.TorchMuonReference(cfg, GPT(train_gpt_config(cfg)))
+    assert isinstance(reference.muon, muon_vs_adamw.torch.optim.Muon)
+    assert all(p.ndim == 2 for g in reference.muon.param_groups for p in g["params"])
+    assert all(not g["use_muon"] for g in reference.adamw.param_groups)
+    assert {g["base_lr"] for g in reference.muon.param_groups} == {0.02}
+
+
+def train_gpt_config(cfg):
+    import train
+    return train.gpt_config(cfg, 257)
 
 
 def test_memory_smoke_state_bytes_are_exact(tmp_path, capsys):
