@@ -1,11 +1,15 @@
 """The bench scripts' CPU smoke modes end to end: each writes its PNG, prints its table last, and the
-numbers hold what they should (exact optimizer-state bytes, MuonClip's clip landing on tau)."""
+numbers hold what they should (exact optimizer-state bytes, MuonClip's clip landing on tau, owner
+sharding moving fewer bytes, orthogonalising raising the stable rank)."""
 
 import math
 
 import pytest
 
-from bench import memory, muon_vs_adamw, muonclip, toy_power20
+import torch
+
+from bench import communication, memory, muon_vs_adamw, muonclip, peer, spectrum, toy_power20
+from data.demo import ensure_demo_shards
 
 
 def last_line(capsys) -> str:
@@ -79,3 +83,46 @@ def test_toy_power20_plot(tmp_path, capsys):
     toy_power20.main(["--out", str(tmp_path / "toy.png")])
     assert last_line(capsys).startswith("| orthogonalised | 0.2 |")
     assert_png(tmp_path / "toy.png")
+
+
+def test_spectrum_smoke_orthogonalising_raises_the_stable_rank(tmp_path, capsys):
+    result = spectrum.main(["--smoke", "--out", str(tmp_path / "spectrum.png")])
+    assert_png(tmp_path / "spectrum.png")
+    assert last_line(capsys).startswith("| ")
+    assert result["table"]
+    for row in result["table"]:
+        assert 1 <= row["momentum"] <= row["full"] and 1 <= row["adamw"] <= row["full"]
+        assert row["momentum"] < row["update"] <= row["full"], row
+
+
+def test_communication_owner_sharding_sends_less_and_keeps_a_share_of_the_momentum(capsys):
+    plans = communication.main(["--preset", "gpt124m-mla", "--world", "8"])
+    before, after = plans.values()
+    assert last_line(capsys).startswith("| owner-sharded Muon (now) |")
+    assert after["adamw"] == before["adamw"]  # DDP still all-reduces the AdamW gradients
+    assert after["sent"] - after["adamw"] < 0.7 * (before["sent"] - before["adamw"])
+    assert after["momentum"] < before["momentum"] / 8 * 1.2  # about 1/8 of it, the largest share
+    assert sum(after["flops"]) == sum(before["flops"])
+    assert max(after["flops"]) <= max(before["flops"])
+    one = communication.owner_plan(*communication.model_parameters("tiny-mla"), world=1, steps=5)
+    assert one["sent"] == 0  # one rank sends nothing
+
+
+def test_peer_fp32_newton_schulz_is_torch_optim_muons_in_fp32():
+    from torch.optim import _muon
+    grad = torch.randn(96, 48, generator=torch.Generator().manual_seed(0))
+    coefficients = (_muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C)
+    ours = peer.fp32_newton_schulz(grad, coefficients, 5, 1e-7)
+    theirs = _muon._zeropower_via_newtonschulz(grad, coefficients, 5, 1e-7).float()  # bf16 inside
+    assert ours.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) > 0.999
+    with pytest.raises(ValueError, match="classic coefficients"):
+        peer.fp32_newton_schulz(grad, (1.0, 2.0, 3.0), 5, 1e-7)
+
+
+def test_peer_trains(tmp_path, capsys):
+    data_dir = ensure_demo_shards(tmp_path / "demo")
+    curve = peer.main(["--steps", "4", "--eval-every", "4", "--data-dir", str(data_dir)])
+    assert [step for step, _ in curve] == [0, 4]
+    assert curve[-1][1] < curve[0][1] - 0.5, curve
+    assert last_line(capsys).startswith("peer: lr 0.008, 4 steps, final val loss")

@@ -483,3 +483,36 @@ def test_flops_per_token_is_nanogpts_for_mha_and_uses_mla_widths():
     L, H, T, N = 12, 12, 1024, 85_000_000
     assert train.flops_per_token(mha, N, T) == 6 * N + 12 * L * H * 64 * T  # nanoGPT's estimate_mfu
     assert train.flops_per_token(mla, N, T) == 6 * N + 6 * L * H * T * ((64 + 32) + 64)
+
+
+def test_spectrum_is_the_stable_rank_of_the_singular_values():
+    u, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    singular = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    matrix = u[:, :8] @ torch.diag(singular) @ v.T
+    stable_rank, top3 = train.spectrum(matrix)
+    energy = singular.square()
+    assert stable_rank == pytest.approx((energy.sum() / 16).item(), rel=1e-6)  # 22.25 / 16
+    assert top3 == pytest.approx((21 / energy.sum()).item(), rel=1e-6)
+    assert train.spectrum(u[:, :8])[0] == pytest.approx(8.0, rel=1e-6)  # orthonormal columns: full
+
+
+def test_log_spectrum_every_logs_momentum_and_update_stable_ranks(tiny_data, tmp_path):
+    config = tiny_config(tmp_path, tiny_data)
+    train.main(["--config", config, "--log.spectrum_every=2", "--log.spectrum_matrices", '["attn.wo", "mlp.fc"]'])
+    rows = [row for row in metrics(tmp_path / "run") if any(key.startswith("spectrum/") for key in row)]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    n_layer, width = CONFIGS["tiny-mla"].n_layer, CONFIGS["tiny-mla"].n_embd
+    for row in rows:
+        # The output head, wo and mlp.proj start at zero, so step 1 moves only the head, step 2
+        # wo and proj, and mlp.fc has a gradient from step 3: a moment still zero is left out.
+        for layer in range(n_layer):
+            for name in ("attn.wo", "mlp.fc") if row["step"] > 2 else ("attn.wo",):
+                key = f"spectrum/layer_{layer}/{name}"
+                moment, update = row[f"{key}/moment_stable_rank"], row[f"{key}/update_stable_rank"]
+                assert 1 <= moment <= width and 0 < row[f"{key}/moment_top3_energy"] <= 1
+                assert moment < update <= width  # orthogonalising spreads the step over more directions
+        assert not any("attn.wq" in key for key in row)
+    with pytest.raises(train.ConfigError, match=r"log.spectrum_matrices: \['attn.nope'\] are not matrices"):
+        train.main(["--config", tiny_config(tmp_path, tiny_data, "bad"), "--log.spectrum_every=2",
+                    "--log.spectrum_matrices", '["attn.nope"]'])
