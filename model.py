@@ -509,6 +509,24 @@ class MultiHeadAttention(nn.Module):
 # MLP, block, GPT
 
 
+class ReLUSquared(torch.autograd.Function):
+    """relu(x)^2 (modded-nanogpt's MLP activation) with the backward 2 relu(x) g written out.
+    Autograd's own chain (pow, two muls, then relu's threshold) makes four passes over the
+    (B, T, 4d) activation, and on a CPU that was a fifth of the demo's step; this makes two,
+    with bit-identical gradients. Under torch.compile, Inductor fuses either form."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = x.relu()
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return (grad * r).mul_(2)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -516,7 +534,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(ReLUSquared.apply(self.fc(x)))
 
 
 class Block(nn.Module):

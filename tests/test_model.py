@@ -593,3 +593,15 @@ def test_the_chosen_backend_is_used_by_every_layer_and_a_config_can_force_one():
 def test_widths_no_fused_kernel_serves_are_refused_by_name(changes, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(CONFIGS["tiny-mla"], **changes)
+
+
+def test_relu_squared_has_autograds_values_and_gradients_bit_for_bit():
+    from model import ReLUSquared
+    x = torch.randn(4, 8, 32, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    reference = torch.nn.functional.relu(x).square()
+    (expected,) = torch.autograd.grad(reference, x, grad)
+    out = ReLUSquared.apply(x)
+    (got,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(out, reference) and torch.equal(got, expected)
+    assert torch.autograd.gradcheck(ReLUSquared.apply, (x[:1, :2, :6].detach().requires_grad_(),))
