@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     print(f"device: {device_name(device)}, torch {torch.__version__}")
-    print(f"plan: {plan['model']} on {data_dir} ({tokenizer}), Muon lr {plan['lr']:g}, {plan['steps']} steps of "
+    print(f"plan: {plan.get('base') or plan['model']} on {data_dir} ({tokenizer}), Muon lr {plan['lr']:g}, {plan['steps']} steps of "
           f"{plan['batch_tokens']:,} tokens, twice: no clip, then MuonClip tau {plan['tau']:g}; the max logit probed "
           f"every step, re-probed after the step every {plan['reprobe_every']}", flush=True)
 

@@ -38,17 +38,17 @@ def timed_steps(model, raw_model, optimizer, batches, cfg, grad_accum, probe, wa
     return time.perf_counter() - start
 
 
-def main():
+def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Other --section.key=value arguments override the config, as in train.py.")
     parser.add_argument("--config", default="configs/gpu.toml")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode, compilation included")
-    args, overrides = parser.parse_known_args()
+    args, overrides = parser.parse_known_args(argv)
     cfg, _ = train.load_run_config(["--config", args.config] + overrides)
     vocab_size = train.load_tokenizer(cfg).n_vocab
     grad_accum = train.validate(cfg, world_size=1, vocab_size=vocab_size)
-    device = train.setup_device(world_size=1)
+    device = train.setup_device(world_size=1, timeout_s=cfg.train.dist_timeout_s)
 
     model_cfg = train.gpt_config(cfg, vocab_size)
     torch.manual_seed(cfg.train.seed)
@@ -88,6 +88,7 @@ def main():
         print(f"{label:<18} {ms:9.1f} {tokens_per_s:11,.0f} {100 * mfu:6.1f}% {overhead:>9}")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    return results
 
 
 if __name__ == "__main__":

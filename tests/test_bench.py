@@ -3,12 +3,13 @@ numbers hold what they should (exact optimizer-state bytes, MuonClip's clip land
 sharding moving fewer bytes, orthogonalising raising the stable rank)."""
 
 import math
+from pathlib import Path
 
 import pytest
 
 import torch
 
-from bench import communication, memory, muon_vs_adamw, muonclip, peer, spectrum, toy_power20
+from bench import communication, memory, muon_vs_adamw, muonclip, peer, spectrum, toy_power20, train_throughput
 from data.demo import ensure_demo_shards
 
 
@@ -85,6 +86,14 @@ def test_toy_power20_plot(tmp_path, capsys):
     assert_png(tmp_path / "toy.png")
 
 
+def test_the_demo_presets_run_on_the_demo_model(tmp_path, capsys):
+    """The CPU presets the README quotes, cut to two steps: same model, data and settings."""
+    result = muonclip.main(["--demo", "--steps", "2", "--reprobe-every", "1", "--out", str(tmp_path / "clip.png")])
+    assert_png(tmp_path / "clip.png")
+    assert result["tau"] == 30.0 and result["control"]
+    assert all(run["cfg"].data.seq_len == 128 for run in result["runs"].values())
+
+
 def test_spectrum_smoke_orthogonalising_raises_the_stable_rank(tmp_path, capsys):
     result = spectrum.main(["--smoke", "--out", str(tmp_path / "spectrum.png")])
     assert_png(tmp_path / "spectrum.png")
@@ -126,3 +135,11 @@ def test_peer_trains(tmp_path, capsys):
     assert [step for step, _ in curve] == [0, 4]
     assert curve[-1][1] < curve[0][1] - 0.5, curve
     assert last_line(capsys).startswith("peer: lr 0.008, 4 steps, final val loss")
+
+
+def test_train_throughput_times_the_demo_step_in_each_probe_mode(capsys):
+    results = train_throughput.main(["--config", str(Path(__file__).resolve().parent.parent / "configs/demo.toml"), "--steps", "1", "--warmup", "0",
+                                     "--train.micro_batch_size=4", "--train.batch_tokens=1024"])
+    assert [label for label, *_ in results] == ["probe off", "probe on", "probe + MuonClip"]
+    assert all(ms > 0 and tokens_per_s > 0 for _, ms, tokens_per_s, _ in results)
+    assert last_line(capsys).startswith("probe + MuonClip")
