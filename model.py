@@ -199,7 +199,7 @@ def chunked_max_causal_logits(q: Tensor, k: Tensor, scale: float, chunk_size: in
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
         scores = q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1)
-        scores = scores.masked_fill(~causal_mask(start, end - start, end, q.device), float("-inf"))
+        scores.masked_fill_(~causal_mask(start, end - start, end, q.device), float("-inf"))  # a fresh tile: no copy
         maxima.append(scores.amax(dim=(0, 2, 3)))
     # Scale the (H,) maxima rather than the tiles: max commutes with a positive scale.
     return torch.stack(maxima).amax(dim=0).float() * scale
