@@ -1,8 +1,8 @@
 """The demo against its yardstick (bench/peer.py: a plain GPT with torch.optim.Muon), side by side.
 
-    python -m bench.demo_vs_peer                      # quality and speed, ~45 min on 2 CPU cores
-    python -m bench.demo_vs_peer --skip-quality       # speed only, ~15 min
-    python -m bench.demo_vs_peer --skip-speed         # quality only, ~25 min
+    python -m bench.demo_vs_peer                      # quality and speed, ~12 min on 2 CPU cores
+    python -m bench.demo_vs_peer --skip-quality       # speed only, ~5 min
+    python -m bench.demo_vs_peer --skip-speed         # quality only, ~7 min
     python -m bench.demo_vs_peer --peer-lr 0.008 --runs 3 --speed-steps 100
 
 Quality: `python train.py --config configs/demo.toml` as a user runs it (600 steps, MuonClip on),
@@ -12,9 +12,9 @@ batches and val tokens; the final val loss of each.
 Speed: the whole process, start to exit, of --speed-steps steps of each, --runs times in turn
 (so a busy machine slows all alike), median seconds. Three rows: ours; the peer as it is; and the
 peer with torch.optim.Muon's Newton-Schulz patched from its fixed bf16 to fp32 (bench.peer
---fp32-newton-schulz), because on a CPU without bf16 matrix units (AVX2, most AVX-512) bf16
-matmuls run ~50x slower than fp32 and would otherwise be all the peer's time. Both processes run
-with W&B off. Prints a table last.
+--fp32-newton-schulz), because on a CPU without native bf16 (AVX2-only) bf16 matmuls run ~50x
+slower than fp32 and would otherwise be all the peer's time (on one with AVX512-BF16 the two peer
+rows are alike). Both processes run with W&B off. Prints a table last.
 """
 
 import argparse

@@ -7,8 +7,8 @@
 
 Three optimizers on the hidden matrices: ours (muon.Muon), AdamW, and torch.optim.Muon as the
 reference implementation of Muon (PyTorch's, with the same lr rule, momentum, Nesterov and
-weight decay; it runs Newton-Schulz in bf16 whatever the device, which on a CPU without bf16
-matrix units is ~50x slower than fp32, so its time axis there shows that, not Muon). The
+weight decay; it runs Newton-Schulz in bf16 whatever the device, which on a CPU without native
+bf16 (AVX2-only) is ~50x slower than fp32, so its time axis there shows that, not Muon). The
 embedding, head and gains take our AdamW groups in all three, at the recipe's lrs: only what the
 optimizer choice changes is swept. For each optimizer, short runs at three hidden-matrix lrs pick
 the one with the lowest final val loss; then each runs the full length at its pick. MuonClip is

@@ -21,6 +21,7 @@ import time
 import torch
 
 import muon
+import train
 from bench.timing import median_ms
 
 
@@ -81,10 +82,11 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time ours with compile=True (one graph a bucket)")
+    parser.add_argument("--ns-dtype", choices=list(train.NS_DTYPES), default="auto",
+                        help="ours' Newton-Schulz dtype, as optim.ns_dtype (torch.optim.Muon's is always bf16)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 Newton-Schulz on a GPU, fp32 on a CPU (train.py's optim.ns_dtype = "auto").
-    ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ns_dtype = train.ns_dtype(args.ns_dtype, device)
     matrices, others = gpt2_small_params(args.layers, args.d, args.vocab, device)
     n_matrix = sum(p.numel() for p in matrices)
     n_other = sum(p.numel() for p in others)

@@ -136,8 +136,8 @@ def main(argv=None) -> list[tuple[int, float]]:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--data-dir", default=None, help="byte-level shards (default: data.demo's)")
     parser.add_argument("--fp32-newton-schulz", action="store_true",
-                        help="patch torch.optim.Muon to run Newton-Schulz in fp32: on CPUs without bf16 matrix "
-                             "units its bf16 matmuls are ~50x slower, which hides the rest of the step's cost")
+                        help="patch torch.optim.Muon to run Newton-Schulz in fp32: on CPUs without native bf16 "
+                             "(AVX2-only) its bf16 matmuls are ~50x slower, which hides the rest of the step's cost")
     args = parser.parse_args(argv)
     if args.fp32_newton_schulz:
         torch.optim._muon._zeropower_via_newtonschulz = fp32_newton_schulz

@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's 600; smoke 8)")
     parser.add_argument("--every", type=int, default=None, help="steps between measurements (default 50; smoke 4)")
     parser.add_argument("--muon-lr", type=float, default=None, help="default: configs/demo.toml's")
-    parser.add_argument("--adamw-lr", type=float, default=4e-3, help="the best of the demo AdamW sweep (README)")
+    parser.add_argument("--adamw-lr", type=float, default=4e-3, help="AdamW lr; 2e-3 and 4e-3 tie in the demo sweep (README)")
     parser.add_argument("--out", default="bench/results/spectrum.png")
     args = parser.parse_args(argv)
     steps = args.steps or (8 if args.smoke else 600)
