@@ -562,7 +562,8 @@ def train_step(model, raw_model: GPT, optimizer: muon.Muon, batches, cfg: Config
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # check_finite=False: no device sync per step; train_loop checks the max logits every log interval.
-    clipped = (muon.qk_clip_(raw_model.attention_heads(), max_logits, cfg.optim.muon_clip_tau, check_finite=False)
+    clipped = (muon.qk_clip_(raw_model.attention_heads(), max_logits, cfg.optim.muon_clip_tau, check_finite=False,
+                             compile=cfg.train.compile)
                if cfg.optim.muon_clip else None)
     return loss_sum / grad_accum, grad_norm, max_logits, clipped
 

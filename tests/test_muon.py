@@ -598,3 +598,20 @@ def test_qk_clip_never_touches_weights_for_a_non_finite_max_logit(bad):
     assert muon.qk_clip_([layer.heads()], head_max, tau=1.0, check_finite=False).item() == 1
     rows = layer.nope + layer.rope_dim
     assert torch.equal(layer.wq[:rows], wq[:rows]) and not torch.equal(layer.wq[rows:2 * rows], wq[rows:2 * rows])
+
+
+def test_compiled_qk_clip_is_the_eager_one_and_compiles_once():
+    from torch._dynamo.utils import counters
+    eager_layers, compiled_layers = [MLAWeights(seed=s) for s in (5, 6)], [MLAWeights(seed=s) for s in (5, 6)]
+    torch._dynamo.reset()
+    counters.clear()
+    for step in range(3):  # new max logits each step, some heads over tau, some under, one non-finite
+        head_max = torch.rand(2, eager_layers[0].H, dtype=torch.float64, generator=torch.Generator().manual_seed(step)) * 2
+        head_max[1, 0] = math.inf
+        n_eager = muon.qk_clip_([l.heads() for l in eager_layers], head_max, 1.0, check_finite=False)
+        n_compiled = muon.qk_clip_([l.heads() for l in compiled_layers], head_max, 1.0, check_finite=False, compile=True)
+        assert n_eager.item() == n_compiled.item() > 0
+        for a, b in zip(eager_layers, compiled_layers):
+            torch.testing.assert_close(b.wq, a.wq, rtol=1e-15, atol=0)
+            torch.testing.assert_close(b.wkv_b, a.wkv_b, rtol=1e-15, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
