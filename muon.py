@@ -550,8 +550,8 @@ def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float, check
     are and the caller checks max_logits itself (train.py does, once per log interval).
 
     With compile, the rescaling of every layer is one torch.compile graph (static shapes, built
-    once per model layout and tau): two fused row-scaling kernels a layer and no Python per op,
-    where eager dispatches ~10 small ops a layer. Same numbers; no host sync either way.
+    once per model layout and tau) instead of a dozen small eager ops a layer, each dispatched
+    from Python. Same numbers; no host sync either way.
     """
     if tau <= 0:
         raise ValueError(f"tau={tau}: expected a positive logit threshold")
