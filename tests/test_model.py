@@ -605,3 +605,34 @@ def test_relu_squared_has_autograds_values_and_gradients_bit_for_bit():
     (got,) = torch.autograd.grad(out, x, grad)
     assert torch.equal(out, reference) and torch.equal(got, expected)
     assert torch.autograd.gradcheck(ReLUSquared.apply, (x[:1, :2, :6].detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rms_norm_on_a_cpu_has_torchs_values_and_gradients(dtype):
+    from model import RMSNorm, RMSNormCPU
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
+    reference = torch.nn.RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        reference.weight.copy_(norm.weight)
+    x = (3 * torch.randn(4, 8, 48, dtype=dtype)).requires_grad_()
+    grad = torch.randn_like(x)
+    out, expected = norm(x), reference(x)
+    got = torch.autograd.grad(out, (x, norm.weight), grad)
+    want = torch.autograd.grad(expected, (x, reference.weight), grad)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected, **tolerance)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tolerance)
+    if dtype == torch.float64:
+        small = x[:1, :3].detach().requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, w: RMSNormCPU.apply(a, w, 1e-6), (small, norm.weight))
+
+
+def test_rope_by_roll_is_the_split_rotation_bit_for_bit():
+    from model import apply_rope, rope_tables
+    x = torch.randn(2, 16, 3, 8)
+    cos, sin = rope_tables(8, 16, 10000.0)
+    c, s = cos[:, None, :4], -sin[:, None, :4]  # the tables hold [cos, cos] and [-sin, sin]
+    x1, x2 = x.chunk(2, dim=-1)
+    assert torch.equal(apply_rope(x, cos, sin), torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))
