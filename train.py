@@ -600,21 +600,22 @@ def evaluate(model, val_loader: ValLoader, cfg: Config, device: torch.device) ->
 
 @torch.no_grad()
 def complete_prompts(raw_model: GPT, tokenizer, cfg: Config, device: torch.device) -> list[tuple[str, str, str]]:
-    """(prompt, mode, completion) for every prompt and mode, from the uncompiled model."""
+    """(prompt, mode, completion) for every prompt and mode, from the uncompiled model. With both
+    modes, a prompt's greedy and sampled completions decode as one batch of two rows (half the time)."""
     modes = ["greedy", "sampled"] if cfg.log.sample_mode == "both" else [cfg.log.sample_mode]
+    greedy = torch.tensor([mode == "greedy" for mode in modes], device=device)
     rows = []
     raw_model.eval()
     for prompt in cfg.log.prompts:
         idx = torch.tensor(tokenizer.encode_ordinary(prompt), dtype=torch.long, device=device)
-        for mode in modes:
-            try:
-                with autocast(cfg, device):
-                    out = raw_model.generate(idx, cfg.log.max_new_tokens, temperature=cfg.log.temperature,
-                                             top_k=cfg.log.top_k or None, greedy=mode == "greedy")
-                completion = tokenizer.decode(out[len(idx):].tolist())
-            except ValueError as e:  # diverged weights: the loss checks stop the run at the next log line
-                completion = f"[no completion: {e}]"
-            rows.append((prompt, mode, completion))
+        try:
+            with autocast(cfg, device):
+                out = raw_model.generate(idx.expand(len(modes), -1), cfg.log.max_new_tokens,
+                                         temperature=cfg.log.temperature, top_k=cfg.log.top_k or None, greedy=greedy)
+            completions = [tokenizer.decode(row[len(idx):].tolist()) for row in out]
+        except ValueError as e:  # diverged weights: the loss checks stop the run at the next log line
+            completions = [f"[no completion: {e}]"] * len(modes)
+        rows.extend((prompt, mode, completion) for mode, completion in zip(modes, completions))
     raw_model.train()
     return rows
 

@@ -464,6 +464,22 @@ def test_sampling_rules():
         model.generate(prompt, 1, top_k=0)
 
 
+def test_one_batch_decodes_some_rows_greedily_and_samples_the_others():
+    model = random_model(tiny("mla"))
+    prompt = tokens(1, 4)[0]
+    greedy = model.generate(prompt, 12, greedy=True)
+    both = model.generate(prompt.expand(2, -1), 12, top_k=1, greedy=torch.tensor([True, False]))
+    assert torch.equal(both[0], greedy) and torch.equal(both[1], greedy)  # top_k=1 samples the argmax
+    torch.manual_seed(5)
+    mixed = model.generate(prompt.expand(2, -1), 30, temperature=2.0, greedy=torch.tensor([True, False]))
+    assert torch.equal(mixed[0, :16], greedy) and mixed.max() < VOCAB
+    assert not torch.equal(mixed[1], mixed[0])  # the second row really samples
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt.expand(2, -1), 1, temperature=0.0, greedy=torch.tensor([True, False]))
+    assert torch.equal(model.generate(prompt.expand(2, -1), 12, temperature=0.0, greedy=torch.tensor([True, True]))[1],
+                       greedy)
+
+
 # ----------------------------------------------------------------------------------------------
 # MuonClip end to end
 
