@@ -697,8 +697,9 @@ class GPT(nn.Module):
         """
         if idx.dtype != torch.long or idx.ndim not in (1, 2) or idx.size(-1) == 0:
             raise ValueError(f"idx: expected a non-empty long tensor (T,) or (B, T), got {idx.dtype} {tuple(idx.shape)}")
-        samples = greedy is False or (isinstance(greedy, Tensor) and not bool(greedy.all()))
-        if samples and not temperature > 0:
+        rows = idx.size(0) if idx.ndim == 2 else 1
+        greedy_rows = torch.as_tensor(greedy, dtype=torch.bool, device=idx.device).expand(rows)
+        if not bool(greedy_rows.all()) and not temperature > 0:
             raise ValueError(f"temperature={temperature}: expected > 0 (or greedy=True)")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k}: expected a positive integer or None")
@@ -714,7 +715,7 @@ class GPT(nn.Module):
                 logits = self._cached_logits(idx[:, -L:], caches, start=0)
             else:
                 logits = self._cached_logits(idx[:, -1:], caches, start=idx.size(1) - 1)
-            next_token = pick_token(logits[:, :self.config.vocab_size], temperature, top_k, greedy)
+            next_token = pick_token(logits[:, :self.config.vocab_size], temperature, top_k, greedy_rows)
             idx = torch.cat([idx, next_token], dim=1)
         return idx[0] if one_sequence else idx
 
@@ -728,19 +729,17 @@ class GPT(nn.Module):
         return self._logits(x[:, -1])
 
 
-def pick_token(logits: Tensor, temperature: float, top_k: int | None, greedy: bool | Tensor) -> Tensor:
-    """One token per row of logits (B, V): (B, 1). greedy: for every row, or a (B,) bool tensor."""
+def pick_token(logits: Tensor, temperature: float, top_k: int | None, greedy_rows: Tensor) -> Tensor:
+    """One token per row of logits (B, V): (B, 1); the argmax where greedy_rows (B,) is True."""
     best = logits.argmax(dim=-1, keepdim=True)
-    if greedy is True or (isinstance(greedy, Tensor) and bool(greedy.all())):
+    if greedy_rows.all():
         return best
-    sampled_rows = logits if greedy is False else logits[~greedy]
-    if not sampled_rows.isfinite().all():  # multinomial's own error would not say why
+    if not logits[~greedy_rows].isfinite().all():  # multinomial's own error would not say why
         raise ValueError("cannot sample: the logits are not finite (the model has diverged)")
     logits = logits / temperature
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if greedy is not False:  # greedy rows' logits may be anything: give them a valid distribution
-        logits = logits.masked_fill(greedy[:, None], 0.0)
-    sampled = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
-    return sampled if greedy is False else torch.where(greedy[:, None], best, sampled)
+    # Greedy rows' logits may be anything: a uniform distribution keeps multinomial valid.
+    sampled = torch.multinomial(logits.masked_fill(greedy_rows[:, None], 0.0).softmax(dim=-1), num_samples=1)
+    return torch.where(greedy_rows[:, None], best, sampled)
