@@ -10,20 +10,17 @@ Copy this one file into any project:
 
 Muon (Keller Jordan, 2024) for a hidden matrix W of shape (A, B) with gradient G:
 
-    M <- mu * M + G                     momentum, fp32
+    M <- mu * M + G                     momentum_, fp32
     U <- G + mu * M  (Nesterov) or M
-    O <- NS(U)                          Newton-Schulz: approximately U V^T of U = U S V^T, in bf16
-    W <- W * (1 - lr * wd)              decoupled weight decay with the un-scaled lr
-    W <- W - lr_eff(A, B) * O
+    O <- NS(U)                          newton_schulz: approximately U V^T of U = U S V^T, in bf16
+    W <- W * (1 - lr * wd) - lr_eff(A, B) * O      decay_and_step_: decoupled decay, un-scaled lr
 
-Parameter groups with use_muon=False (embeddings, output head, norms, gains, scalars) are
-stepped with AdamW instead, using the same lr and weight_decay unless the group sets its own.
-With lr_rule="match_rms_adamw" (Moonlight, Kimi K2) Muon's update has AdamW's RMS of 0.2,
-so one lr and one wd serve both.
-
-Speed: matrices of one shape (tall ones transposed to wide) are orthogonalised together as
-one batched tensor. Under torch.distributed each rank orthogonalises its share of every batch
-and the results are all-gathered, so every rank applies the same update a single device would.
+Those three functions are the whole update; Muon (the class) only decides who runs them on which
+matrix: one process, one owner rank per matrix under torch.distributed, or a whole update
+gathered for a DTensor (FSDP2) shard. Parameter groups with use_muon=False (embeddings, output
+head, norms, gains, scalars) are stepped with AdamW, using the same lr and weight_decay unless
+the group sets its own. With lr_rule="match_rms_adamw" (Moonlight, Kimi K2) Muon's update has
+AdamW's RMS of 0.2, so one lr and one wd serve both.
 """
 
 import itertools
@@ -128,26 +125,68 @@ def plan_owners(shapes: list[tuple[int, int]], world: int, steps: int = 5) -> li
 
 
 # ----------------------------------------------------------------------------------------------
-# The optimizer
+# The update maths, once: every step path below calls these
+
+
+def momentum_(grads: list[Tensor], bufs: list[Tensor], mu, nesterov: bool) -> list[Tensor]:
+    """M <- mu M + G for every buffer (in place, fp32); returns the directions to orthogonalise,
+    G + mu M (Nesterov) or M. mu: a number, a 0-dim tensor (the compiled step's, so the momentum
+    warm-up never recompiles) or one 0-dim tensor per matrix."""
+    grads = [g.float() for g in grads]
+    torch._foreach_mul_(bufs, mu)
+    torch._foreach_add_(bufs, grads)
+    return torch._foreach_add(grads, torch._foreach_mul(bufs, mu)) if nesterov else bufs
+
+
+def muon_update(grads: list[Tensor], bufs: list[Tensor], mu, nesterov: bool, coefficients: str, ns_steps: int,
+                ns_dtype: torch.dtype) -> Tensor:
+    """Momentum, then Newton-Schulz on all the matrices at once: (N, A, B) in ns_dtype, every matrix
+    orthogonalised on its wide side (A <= B). The matrices must share that wide shape."""
+    directions = momentum_(grads, bufs, mu, nesterov)
+    return newton_schulz(torch.stack([_as_wide(d) for d in directions]), coefficients, ns_steps, dtype=ns_dtype)
+
+
+def decay_and_step_(params: list[Tensor], orthogonal: list[Tensor], decays, step_sizes) -> None:
+    """W <- decay W - step_size O, in place, for each matrix W and its orthogonalised update O (wide
+    side, as muon_update gives it). decays: None (no weight decay) or one per matrix, 1 - lr wd;
+    step_sizes: one per matrix, lr x lr_multiplier. Numbers or tensors alike."""
+    for i, (p, o) in enumerate(zip(params, orthogonal)):
+        o = o.mT if p.size(0) > p.size(1) else o
+        if decays is not None:
+            p.mul_(decays[i])
+        p.sub_(o.to(p.dtype) * step_sizes[i])
+
+
+def _bucket_step_(params, grads, bufs, mu, decays, step_sizes, nesterov, coefficients, ns_steps, ns_dtype):
+    """One process's whole Muon step for a bucket of same-shape matrices: what compile=True runs as
+    one graph."""
+    orthogonal = muon_update(grads, bufs, mu, nesterov, coefficients, ns_steps, ns_dtype)
+    decay_and_step_(params, orthogonal, decays, step_sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer: who computes which update
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for groups with use_muon=True (the default), AdamW for groups with use_muon=False.
 
-    compile=True runs each shape bucket's whole Muon step (momentum, Newton-Schulz, decay, update)
-    as one torch.compile graph (static shapes, fullgraph; lr and momentum enter as tensors, so the
-    schedule never recompiles it). The eager step is the reference, op for op.
+    Every path below runs the same three functions (momentum_, newton_schulz via muon_update,
+    decay_and_step_); they differ only in who computes which matrix's update:
 
-    Under torch.distributed (auto-detected, or distributed=True/False) the Muon gradients are each
-    rank's own: leave the Muon parameters out of DDP. Each hidden matrix has one owner rank
-    (plan_owners); a reduce-scatter hands every owner the mean gradient of its matrices, the owner
-    alone keeps their momentum (1/world of Muon's state per rank) and orthogonalises them, and an
-    all-gather of the orthogonalised updates (in ns_dtype) lets every rank apply every update, so
-    all ranks hold the same weights. AdamW groups expect gradients already averaged (DDP).
-    state_dict() is then a collective: every rank must call it, and each gets the full state.
-
-    Parameters that are DTensors (FSDP2's fully_shard) are orthogonalised whole: the update is
-    gathered, put through Newton-Schulz, and each rank keeps the rows of its shard.
+    - one process: the matrices of one shape (tall ones transposed to wide) are one bucket, one
+      batched Newton-Schulz. compile=True runs each bucket's whole step as one torch.compile graph
+      (static shapes, fullgraph; lr and momentum enter as tensors, so the schedule never
+      recompiles it).
+    - torch.distributed (auto-detected, or distributed=True/False): the Muon gradients are each
+      rank's own, so leave the Muon parameters out of DDP. Each matrix has one owner rank
+      (plan_owners); a reduce-scatter hands every owner the mean gradient of its matrices, the
+      owner alone keeps their momentum (1/world of Muon's state per rank) and orthogonalises them,
+      and an all-gather of the updates (in ns_dtype) lets every rank apply every update, so all
+      ranks hold the same weights. state_dict() is then a collective: every rank must call it, and
+      each gets the full state. AdamW groups expect gradients already averaged (DDP).
+    - DTensor parameters (FSDP2's fully_shard): momentum stays sharded; each update is gathered
+      whole for Newton-Schulz, and each rank keeps its shard's rows.
     """
 
     def __init__(
@@ -199,55 +238,42 @@ class Muon(torch.optim.Optimizer):
                 self._local_step(plain, group)
         return loss
 
-    # -- one process ------------------------------------------------------------------------------
-
-    def _local_step(self, params: list[Tensor], group: dict) -> None:
-        with_grad = [p for p in params if p.grad is not None]
-        for bucket in _buckets_by_shape(with_grad):
-            if self.compile:
-                self._compiled_bucket_step(bucket, group)
-                continue
-            updates = self._momentum_updates(bucket, group)
-            orthogonal = newton_schulz(torch.stack([_as_wide(updates[p]) for p in bucket]), group["ns_coefficients"],
-                                       group["ns_steps"], dtype=group["ns_dtype"])
-            _apply_updates(bucket, orthogonal, group)
-
-    def _momentum_updates(self, params: list[Tensor], group: dict) -> dict[Tensor, Tensor]:
-        """U per parameter: M <- mu M + G, then U = G + mu M (Nesterov) or M."""
-        if not params:
-            return {}
-        mu = group["momentum"]
-        grads = [p.grad.float() for p in params]
-        bufs = [self._momentum_buffer(p) for p in params]
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)
-        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-        return dict(zip(params, updates))
-
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
         return state["momentum_buffer"]
 
-    def _compiled_bucket_step(self, bucket: list[Tensor], group: dict) -> None:
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        # Persistent 0-dim (and per-matrix) tensors, refilled each step: no host-device copy, and
-        # values are not guarded on, so the lr schedule and momentum warm-up never recompile.
-        key = (id(group), tuple(id(p) for p in bucket))
-        if key not in self._scalars:
-            device = bucket[0].device
-            self._scalars[key] = dict(mu=torch.zeros((), device=device), decay=torch.zeros((), device=device),
-                                      step_sizes=torch.zeros(len(bucket), device=device))
-        scalars = self._scalars[key]
-        scalars["mu"].fill_(mu)
-        scalars["decay"].fill_(1 - lr * wd)
-        multipliers = torch.tensor([lr * lr_multiplier(group["lr_rule"], p.shape) for p in bucket])
-        scalars["step_sizes"].copy_(multipliers, non_blocking=True)
-        _compiled(_bucket_step_)(
-            bucket, [p.grad for p in bucket], [self._momentum_buffer(p) for p in bucket], scalars["mu"],
-            scalars["decay"] if wd else None, scalars["step_sizes"], group["nesterov"], group["ns_coefficients"],
-            group["ns_steps"], group["ns_dtype"])
+    def _ns_args(self, group: dict) -> tuple:
+        return group["nesterov"], group["ns_coefficients"], group["ns_steps"], group["ns_dtype"]
+
+    def _step_sizes(self, params: list[Tensor], group: dict) -> list[float]:
+        return [group["lr"] * lr_multiplier(group["lr_rule"], p.shape) for p in params]
+
+    # -- one process ------------------------------------------------------------------------------
+
+    def _local_step(self, params: list[Tensor], group: dict) -> None:
+        for bucket in _buckets_by_shape([p for p in params if p.grad is not None]):
+            grads, bufs = [p.grad for p in bucket], [self._momentum_buffer(p) for p in bucket]
+            if not self.compile:
+                decays = [1 - group["lr"] * group["weight_decay"]] * len(bucket) if group["weight_decay"] else None
+                _bucket_step_(bucket, grads, bufs, group["momentum"], decays, self._step_sizes(bucket, group),
+                              *self._ns_args(group))
+                continue
+            # Persistent 0-dim (and per-matrix) tensors, refilled each step: no host-device copy
+            # to wait for, and values are not guarded on, so the schedule never recompiles.
+            key = (id(group), tuple(id(p) for p in bucket))
+            if key not in self._scalars:
+                device = bucket[0].device
+                self._scalars[key] = dict(mu=torch.zeros((), device=device), decay=torch.zeros((), device=device),
+                                          step_sizes=torch.zeros(len(bucket), device=device))
+            scalars = self._scalars[key]
+            scalars["mu"].fill_(group["momentum"])
+            scalars["decay"].fill_(1 - group["lr"] * group["weight_decay"])
+            scalars["step_sizes"].copy_(torch.tensor(self._step_sizes(bucket, group)), non_blocking=True)
+            decays = [scalars["decay"]] * len(bucket) if group["weight_decay"] else None
+            _compiled(_bucket_step_)(bucket, grads, bufs, scalars["mu"], decays, scalars["step_sizes"],
+                                     *self._ns_args(group))
 
     # -- many ranks, one owner per matrix ---------------------------------------------------------
 
@@ -267,62 +293,58 @@ class Muon(torch.optim.Optimizer):
 
     def _owner_step(self, params: list[Tensor], group: dict) -> None:
         plan = self._owner_plan(params, group)
-        world, rank, segment = plan["world"], plan["rank"], plan["segment"]
-        device = params[0].device
-        # Every rank sends every gradient to its owner; a missing one travels as zeros, flag 0.
-        pieces = []
-        for mine in plan["owned"]:
-            for i in mine:
-                g = params[i].grad
-                pieces.append(g.float().flatten() if g is not None else torch.zeros(params[i].numel(), device=device))
-            pieces.append(torch.tensor([float(params[i].grad is not None) for i in mine], device=device))
-            pieces.append(torch.zeros(segment - sum(params[i].numel() for i in mine) - len(mine), device=device))
-        mean_grads = torch.empty(segment, device=device)
-        dist.reduce_scatter_tensor(mean_grads, torch.cat(pieces), op=dist.ReduceOp.SUM)
-        mine = plan["owned"][rank]
-        sizes = [params[i].numel() for i in mine]
-        grads_here = mean_grads[:sum(sizes)].split(sizes)
-        counts = mean_grads[sum(sizes):sum(sizes) + len(mine)]
-        # Momentum, Nesterov and Newton-Schulz for this rank's matrices, batched by shape. The
-        # has-gradient counts stay on the device: a matrix that no rank trained gets a zero update
-        # and keeps its momentum (multiplied by exactly 1 below).
-        trained = counts > 0
-        updates = torch.zeros(segment, device=device, dtype=group["ns_dtype"])
-        mu = group["momentum"]
-        offsets = [0] + list(itertools.accumulate(sizes))
+        world, segment = plan["world"], plan["segment"]
+        mine = plan["owned"][plan["rank"]]
+        mean_grads, trained = self._gradients_to_owners(params, plan)
+        # The owner's momentum and Newton-Schulz, batched by shape. The has-gradient flags stay on
+        # the device: a matrix no rank trained keeps its momentum (mu = 1 on a zero gradient) and
+        # gets a zero update and no decay, as one process skips it, with no host sync to find out.
+        updates = torch.zeros(segment, device=mean_grads.device, dtype=group["ns_dtype"])
+        offsets = [0] + list(itertools.accumulate(params[i].numel() for i in mine))
         by_shape: dict[tuple, list[int]] = {}
         for j, i in enumerate(mine):
             by_shape.setdefault(_wide_shape(params[i]), []).append(j)
+        update_fn = _compiled(muon_update) if self.compile else muon_update
         for js in by_shape.values():
-            grads = [grads_here[j].view(params[mine[j]].shape) / world for j in js]
-            bufs = [self._momentum_buffer(params[mine[j]]) for j in js]
-            for j, buf in zip(js, bufs):
-                buf.mul_(torch.where(trained[j], mu, 1.0))
-            torch._foreach_add_(bufs, grads)
-            step_dirs = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-            ns = _compiled(newton_schulz) if self.compile else newton_schulz
-            orthogonal = ns(torch.stack([_as_wide(u) for u in step_dirs]), group["ns_coefficients"],
-                            group["ns_steps"], dtype=group["ns_dtype"])
+            grads = [mean_grads[offsets[j]:offsets[j + 1]].view(params[mine[j]].shape) for j in js]
+            mus = [torch.where(trained[j], group["momentum"], 1.0) for j in js]
+            orthogonal = update_fn(grads, [self._momentum_buffer(params[mine[j]]) for j in js], mus,
+                                   *self._ns_args(group))
             for j, o in zip(js, orthogonal):
-                p = params[mine[j]]
-                o = o.mT if p.size(0) > p.size(1) else o
                 updates[offsets[j]:offsets[j + 1]] = (o * trained[j]).flatten()
         updates[offsets[-1]:offsets[-1] + len(mine)] = trained.to(updates.dtype)
-        gathered = torch.empty(world * segment, device=device, dtype=updates.dtype)
+        gathered = torch.empty(world * segment, device=updates.device, dtype=updates.dtype)
         _all_gather_single(gathered, updates)
-        # Every rank applies every update, so the weights stay identical everywhere. An untrained
-        # matrix's update is zero and its decay factor 1: no host sync to find out which it is.
+        # Every rank applies every update, so the weights stay identical everywhere.
         lr, wd = group["lr"], group["weight_decay"]
         for r, owned in enumerate(plan["owned"]):
             base = r * segment
             sizes = [params[i].numel() for i in owned]
-            flags = gathered[base + sum(sizes):base + sum(sizes) + len(owned)]
-            for k, (i, start, size) in enumerate(zip(owned, itertools.accumulate([0] + sizes), sizes)):
-                p = params[i]
-                if wd:
-                    p.mul_(torch.where(flags[k] > 0, 1 - lr * wd, 1.0))
-                o = gathered[base + start:base + start + size].view(p.shape)
-                p.add_(o.to(p.dtype), alpha=-lr * lr_multiplier(group["lr_rule"], p.shape))
+            flags = gathered[base + sum(sizes):base + sum(sizes) + len(owned)] > 0
+            starts = [base + s for s in itertools.accumulate([0] + sizes)]
+            ps = [params[i] for i in owned]
+            orthogonal = [gathered[a:a + p.numel()].view(_wide_shape(p)) for a, p in zip(starts, ps)]
+            decays = [torch.where(flag, 1 - lr * wd, 1.0) for flag in flags] if wd else None
+            decay_and_step_(ps, orthogonal, decays, self._step_sizes(ps, group))
+
+    def _gradients_to_owners(self, params: list[Tensor], plan: dict) -> tuple[Tensor, Tensor]:
+        """Reduce-scatter every rank's gradients to their owners: (this rank's matrices' mean
+        gradients, flat; one bool per matrix, whether any rank had its gradient). A missing
+        gradient travels as zeros with flag 0."""
+        world, segment = plan["world"], plan["segment"]
+        device = params[0].device
+        pieces = []
+        for owned in plan["owned"]:
+            for i in owned:
+                g = params[i].grad
+                pieces.append(g.float().flatten() if g is not None else torch.zeros(params[i].numel(), device=device))
+            pieces.append(torch.tensor([float(params[i].grad is not None) for i in owned], device=device))
+            pieces.append(torch.zeros(segment - sum(params[i].numel() for i in owned) - len(owned), device=device))
+        summed = torch.empty(segment, device=device)
+        _reduce_scatter_single(summed, torch.cat(pieces), op=dist.ReduceOp.SUM)
+        mine = plan["owned"][plan["rank"]]
+        used = sum(params[i].numel() for i in mine)
+        return summed[:used] / world, summed[used:used + len(mine)] > 0
 
     def state_dict(self):
         """Under owner sharding, a collective: each rank contributes the momentum of its matrices and
@@ -369,14 +391,19 @@ class Muon(torch.optim.Optimizer):
 
     def _sharded_step(self, params: list[Tensor], group: dict) -> None:
         """Gradients of DTensor parameters are already averaged (FSDP's reduce-scatter): momentum
-        stays sharded; the update is gathered whole for Newton-Schulz, then re-sharded."""
+        stays sharded; each update is gathered whole for Newton-Schulz, then re-sharded."""
         with_grad = [p for p in params if p.grad is not None]
-        updates = self._momentum_updates(with_grad, group)
-        for p in with_grad:
-            full = updates[p].full_tensor()
-            o = newton_schulz(full, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
-            sharded = DTensor.from_local(o, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
-            _apply_update(p, sharded.redistribute(p.device_mesh, p.placements), group)
+        if not with_grad:
+            return
+        directions = momentum_([p.grad for p in with_grad], [self._momentum_buffer(p) for p in with_grad],
+                               group["momentum"], group["nesterov"])
+        orthogonal = []
+        for p, d in zip(with_grad, directions):
+            o = newton_schulz(d.full_tensor(), group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
+            replicated = DTensor.from_local(o, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+            orthogonal.append(replicated.redistribute(p.device_mesh, p.placements))
+        decays = [1 - group["lr"] * group["weight_decay"]] * len(with_grad) if group["weight_decay"] else None
+        decay_and_step_(with_grad, [_as_wide(o) for o in orthogonal], decays, self._step_sizes(with_grad, group))
 
     # -- AdamW ------------------------------------------------------------------------------------
 
@@ -401,8 +428,9 @@ class Muon(torch.optim.Optimizer):
         )
 
 
-# torch 2.13 renamed all_gather_into_tensor (deprecated since) to all_gather_single.
+# torch 2.13 renamed the *_tensor collectives (deprecated since) to *_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _COMPILED = {}
 
 
@@ -411,22 +439,6 @@ def _compiled(fn):
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
     return _COMPILED[fn]
-
-
-def _bucket_step_(params, grads, bufs, mu, decay, step_sizes, nesterov, coefficients, ns_steps, ns_dtype):
-    """The Muon step of one bucket of same-shape matrices, as the compiled graph runs it: momentum,
-    Nesterov, Newton-Schulz on the stacked (wide) updates, decay, update. mu, decay (or None for no
-    weight decay) and step_sizes (lr x the shape's multiplier, per matrix) are tensors."""
-    grads = [g.float() for g in grads]
-    torch._foreach_mul_(bufs, mu)
-    torch._foreach_add_(bufs, grads)
-    updates = torch._foreach_add(grads, torch._foreach_mul(bufs, mu)) if nesterov else bufs
-    orthogonal = newton_schulz(torch.stack([_as_wide(u) for u in updates]), coefficients, ns_steps, dtype=ns_dtype)
-    for i, p in enumerate(params):
-        o = orthogonal[i].mT if p.size(0) > p.size(1) else orthogonal[i]
-        if decay is not None:
-            p.mul_(decay)
-        p.sub_(o.to(p.dtype) * step_sizes[i])
 
 
 def _check_matrices(group: dict) -> None:
@@ -453,29 +465,6 @@ def _buckets_by_shape(params: list[Tensor]) -> list[list[Tensor]]:
     for p in params:
         buckets.setdefault((_wide_shape(p), p.device, p.dtype), []).append(p)
     return list(buckets.values())
-
-
-def _apply_updates(bucket: list[Tensor], orthogonal: Tensor, group: dict) -> None:
-    """Decay then step every parameter of the bucket, one shape at a time (foreach)."""
-    lr, wd = group["lr"], group["weight_decay"]
-    orthogonal = orthogonal.to(bucket[0].dtype)
-    by_shape: dict[torch.Size, tuple[list[Tensor], list[Tensor]]] = {}
-    for p, o in zip(bucket, orthogonal):
-        params, outs = by_shape.setdefault(p.shape, ([], []))
-        params.append(p)
-        outs.append(o.mT if p.size(0) > p.size(1) else o)
-    for shape, (params, outs) in by_shape.items():
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, outs, alpha=-lr * lr_multiplier(group["lr_rule"], shape))
-
-
-def _apply_update(p: Tensor, orthogonal: Tensor, group: dict) -> None:
-    """Decay then step one parameter along its orthogonalised update (same orientation as p)."""
-    lr, wd = group["lr"], group["weight_decay"]
-    if wd:
-        p.mul_(1 - lr * wd)
-    p.add_(orthogonal.to(p.dtype), alpha=-lr * lr_multiplier(group["lr_rule"], p.shape))
 
 
 def hybrid_param_groups(model: torch.nn.Module, adamw_names: tuple[str, ...] = ("lm_head",)) -> list[dict]:
