@@ -1,7 +1,8 @@
 """GPT with Multi-head Latent Attention (MLA), decoupled RoPE and a per-head max-logit probe.
 
-One file, top to bottom: config, RoPE, the probe, attention (MLA, and standard MHA for
-comparisons), MLP, block, GPT (training forward, the MuonClip hook, generation with a KV cache).
+One file, top to bottom: config, RoPE, attention (MLA, and standard MHA for comparisons), MLP,
+block, GPT (training forward, FLOPs, the MuonClip hook, generation with a latent KV cache). The
+attention kernels (which SDPA backend, the max-logit probe) are in kernels.py.
 
     import muon
     from model import CONFIGS, GPT
@@ -22,28 +23,19 @@ The per-head row grouping is what MuonClip (muon.qk_clip_) relies on to rescale 
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import kernels
 import muon
-
-try:  # the probe's fused kernel; without Triton the probe runs as chunked torch ops
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from kernels import causal_mask
 
 NORM_EPS = 1e-6
 ATTENTION_KINDS = ("mla", "mha")
-# scaled_dot_product_attention's kernels, by the names GPTConfig.sdpa_backend takes (choose_sdpa_backend).
-SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -80,8 +72,8 @@ class GPTConfig:
         for name in ("qk_rope_head_dim", "head_dim"):  # RoPE rotates pairs of features
             _require(getattr(self, name) % 2 == 0, name, getattr(self, name), "an even integer")
         _require(self.attention in ATTENTION_KINDS, "attention", self.attention, f"one of {ATTENTION_KINDS}")
-        _require(self.sdpa_backend in ("auto", *SDPA_BACKENDS), "sdpa_backend", self.sdpa_backend,
-                 f"one of {('auto', *SDPA_BACKENDS)}")
+        _require(self.sdpa_backend in ("auto", *kernels.SDPA_BACKENDS), "sdpa_backend", self.sdpa_backend,
+                 f"one of {('auto', *kernels.SDPA_BACKENDS)}")
         # The fused attention kernels take head widths that are multiples of 8, up to 256; anything
         # else falls to the math backend, which builds every T x T score matrix.
         widths = ({"qk_nope_head_dim + qk_rope_head_dim": self.qk_nope_head_dim + self.qk_rope_head_dim,
@@ -118,7 +110,7 @@ def _require(ok: bool, field: str, value, expected: str) -> None:
 CONFIGS = {
     # GPT-2 small's trunk (d=768, 12 layers, 12 heads, seq 1024) with MLA. Widths: nope 64 keeps
     # GPT-2's 64-wide content dot product; rope 32 (DeepSeek's rope = nope / 2) adds position on
-    # top, so q/k are 96 wide (on an H100 cuDNN runs 96/64 at 1.28 ms vs 1.03 ms for 64/64 per layer fwd+bwd); v 64
+    # top, so q/k are 96 wide (cuDNN attention takes q/k 96 with v 64 at close to 64/64's speed); v 64
     # keeps wo a square 768 x 768 as in GPT-2; kv_lora_rank 256 (DeepSeek uses 4 x nope) caches
     # 256 + 32 = 288 numbers per token and layer instead of MHA's 2 x 768; q_lora_rank 0, since at
     # d=768 a low-rank query saves little and costs a norm and a matmul (DeepSeek-V2-Lite has none).
@@ -131,7 +123,7 @@ CONFIGS = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# RoPE, masks and the max-logit probe
+# RoPE
 
 
 def rope_tables(dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -151,271 +143,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Pairs are the two halves (GPT-NeoX's layout), not neighbours as in DeepSeek's complex-number
     code: same RoPE, contiguous slices. Rolling x by d/2 puts x2 against x1 and x1 against x2, so
-    the rotation is two products and a sum, with no split or concatenation: bit-identical to the
-    split form and 45% faster forward and backward on a CPU for the demo's heads. The products
-    promote bf16 x to the tables' fp32; the result goes back to x's dtype.
+    the rotation is two products and a sum, with no split or concatenation (bit-identical to the
+    split form). The products promote bf16 x to the tables' fp32; the result goes back to x's dtype.
     """
     cos, sin = cos[:, None, :], sin[:, None, :]
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
-
-
-def causal_mask(start: int, n_queries: int, n_keys: int, device) -> Tensor:
-    """(n_queries, n_keys) bool, True where the query at position start + t may see key s (s <= start + t)."""
-    queries = torch.arange(start, start + n_queries, device=device)
-    return torch.arange(n_keys, device=device) <= queries[:, None]
-
-
-PROBE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the fused kernel takes
-# What max_causal_logits sends to the kernel on a GPU. fp32 goes to the chunked path (cuBLAS):
-# built for sm_90, the kernel's exact fp32 dot runs on CUDA cores and spills (ptxas: 6.4 KB of
-# stack a thread at D=96), where bf16/fp16 use wgmma with no spill (tests/test_model.py checks both).
-PROBE_FUSED_DTYPES = (torch.bfloat16, torch.float16)
-PROBE_MAX_HEAD_DIM = 256  # wider q/k rows fall back to chunks: a padded 64 x 512 q tile plus
-                          # pipelined k tiles would not fit in an H100 SM's 227 KB of shared memory
-
-
-@torch.no_grad()
-def max_causal_logits(q: Tensor, k: Tensor, scale: float, chunk_size: int) -> Tensor:
-    """Per head, the largest logit (q_i . k_j) * scale over the batch and all pairs j <= i: (H,) fp32.
-
-    q, k: (B, H, T, D), any strides. On a GPU with Triton, for bf16/fp16 and D <= 256, one
-    fused kernel (triton_max_causal_logits) that never writes a score out; otherwise score tiles
-    chunk_size query rows tall (chunked_max_causal_logits). Same maximum up to rounding: the
-    kernel keeps it in fp32, the chunked path rounds it once to q's dtype.
-    """
-    if triton is not None and q.is_cuda and q.dtype in PROBE_FUSED_DTYPES and q.size(-1) <= PROBE_MAX_HEAD_DIM:
-        return triton_max_causal_logits(q, k, scale)
-    return chunked_max_causal_logits(q, k, scale, chunk_size)
-
-
-@torch.no_grad()
-def chunked_max_causal_logits(q: Tensor, k: Tensor, scale: float, chunk_size: int) -> Tensor:
-    """max_causal_logits in torch ops: runs anywhere and traces into one graph under torch.compile.
-
-    Query rows go a block at a time against only the keys they can see, so at most a
-    (B, H, chunk_size, T) tile of scores exists at once, never all heads' T x T.
-    The tile is in q's dtype (the autocast dtype in training): the matmul accumulates in fp32
-    and rounds each score once, and rounding is monotone, so the tile's max is the exact max
-    rounded once (<= 0.4% in bf16, immaterial next to tau) for half an fp32 tile's memory traffic.
-    The loop depends on the static shape T only, so torch.compile unrolls it without guards on data.
-    """
-    B, H, T, D = q.shape
-    maxima = []
-    for start in range(0, T, chunk_size):
-        end = min(start + chunk_size, T)
-        # The causal mask enters the matmul as an additive -inf bias (baddbmm's beta = 1), so no
-        # second pass over the tile masks it: 40% less probe time on a CPU, the same maxima.
-        bias = torch.zeros(end - start, end, dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~causal_mask(start, end - start, end, q.device), float("-inf"))
-        scores = torch.baddbmm(bias, q[:, :, start:end].reshape(B * H, end - start, D),
-                               k[:, :, :end].reshape(B * H, end, D).transpose(1, 2))
-        # The max over each (b, h) tile's contiguous scores first, then over b: 20% faster on a CPU
-        # than one amax over dims (0, 2, 3), which strides across the batch.
-        maxima.append(scores.view(B, H, -1).amax(dim=-1).amax(dim=0))
-    # Scale the (H,) maxima rather than the tiles: max commutes with a positive scale.
-    return torch.stack(maxima).amax(dim=0).float() * scale
-
-
-@torch.no_grad()
-def triton_max_causal_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """max_causal_logits as one Triton kernel: (H,) fp32, for q, k (B, H, T, D) bf16, fp16 or fp32.
-
-    Each program takes PROBE_BLOCK_M query rows of one (batch, head), multiplies them by the key
-    blocks they can see in registers (fp32 accumulation; fp32 inputs in full fp32, not TF32)
-    and stores only the block's max: the memory traffic is reading q and k, the work the QK^T
-    FLOPs of causal attention (D padded to a power of 2). Bar fp32 summation order it is the
-    exact max; the chunked path's bf16 tiles round it once more. Runs on CUDA (fp32 correctly but
-    slowly: see PROBE_FUSED_DTYPES), or on CPU tensors under TRITON_INTERPRET=1 (the tests).
-    """
-    if triton is None:
-        raise RuntimeError("triton_max_causal_logits needs Triton: pip install triton")
-    if q.shape != k.shape or q.dtype != k.dtype or q.dtype not in PROBE_DTYPES:
-        raise ValueError(f"q, k: expected one shape and one of {PROBE_DTYPES}, got "
-                         f"{tuple(q.shape)} {q.dtype} and {tuple(k.shape)} {k.dtype}")
-    B, H = q.shape[:2]
-    return _block_max_logits(q, k).view(B, H, -1).amax(dim=(0, 2)) * scale
-
-
-# Triton's CPU interpreter (TRITON_INTERPRET=1, the tests) multiplies bf16 tiles' bit patterns in
-# tl.dot (triton-lang/triton#11584, "not supported yet"): there the kernel upcasts the tiles to
-# fp32 first, which gives the same exact products the GPU's bf16 tensor cores do.
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-# 64 x 64 score tiles, 4 warps (128 threads). Built for sm_90 as the 124M MLA model launches it
-# (bf16, D=96 padded to 128, unit stride on D), ptxas gives 74 registers a thread, no spill and
-# 64 KB of shared memory for the pipelined tiles: 3 programs fit an SM. At T=1024 the grid is 16
-# query blocks x B*H (6144 programs for the 124M model at B=32) over 132 SMs, and the diagonal
-# tile's masked half is ~6% of an average block's products. Not tuned: bench/probe.py measures it.
-PROBE_BLOCK_M, PROBE_BLOCK_N, PROBE_NUM_WARPS = 64, 64, 4
-
-if triton is not None:
-
-    @triton.jit
-    def _block_max_logits_kernel(
-        q_ptr, k_ptr, out_ptr, n_head, T, D,
-        q_stride_b, q_stride_h, q_stride_t, q_stride_d,
-        k_stride_b, k_stride_h, k_stride_t, k_stride_d,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        # Program (m, bh): query rows m * BLOCK_M.. of batch bh // n_head, head bh % n_head.
-        m, bh = tl.program_id(0), tl.program_id(1)
-        b, h = (bh // n_head).to(tl.int64), (bh % n_head).to(tl.int64)  # int64: offsets past 2^31
-        first_row = m * BLOCK_M
-        rows = first_row + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        in_head = dims < D  # BLOCK_D is D rounded up to a power of 2; the padding loads as 0
-        q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + rows[:, None] * q_stride_t + dims[None, :] * q_stride_d,
-                    mask=(rows[:, None] < T) & in_head[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        k_head = k_ptr + b * k_stride_b + h * k_stride_h
-        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        # Key blocks wholly left of the block's first row: every row sees every key, no mask.
-        diagonal = first_row // BLOCK_N * BLOCK_N
-        for start in range(0, diagonal, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            k_t = tl.load(k_head + keys[None, :] * k_stride_t + dims[:, None] * k_stride_d,
-                          mask=in_head[:, None], other=0.0)
-            if UPCAST:
-                k_t = k_t.to(tl.float32)
-            scores = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-            row_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        # Key blocks crossing the diagonal, up to the block's last row: keys after a row are
-        # masked (which masks keys >= T too). Blocks wholly above the diagonal are never loaded.
-        for start in range(diagonal, tl.minimum(first_row + BLOCK_M, T), BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            k_t = tl.load(k_head + keys[None, :] * k_stride_t + dims[:, None] * k_stride_d,
-                          mask=(keys[None, :] < T) & in_head[:, None], other=0.0)
-            if UPCAST:
-                k_t = k_t.to(tl.float32)
-            scores = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-            scores = tl.where(keys[None, :] <= rows[:, None], scores, float("-inf"))
-            row_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        # Rows past T were loaded as zeros and scored 0 against real keys: a false max if all
-        # real logits are negative.
-        row_max = tl.where(rows < T, row_max, float("-inf"))
-        tl.store(out_ptr + bh * tl.num_programs(0) + m, tl.max(row_max, axis=0))
-
-    def probe_kernel_constants(dtype: torch.dtype, head_dim: int) -> dict:
-        """The kernel's compile-time arguments for q, k of this dtype and head width."""
-        return dict(
-            BLOCK_M=PROBE_BLOCK_M, BLOCK_N=PROBE_BLOCK_N,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs each side >= 16
-            # Triton's default for fp32 operands is TF32 (10-bit mantissas); the probe must be exact.
-            # bf16 and fp16 products are exact in fp32 anyway.
-            DOT_PRECISION="ieee" if dtype == torch.float32 or TRITON_INTERPRETED else "tf32",
-            UPCAST=TRITON_INTERPRETED,
-        )
-
-    # An opaque custom op, neither a torch.compiler.disable'd function (a graph break at every
-    # layer's probe) nor a torch.library.triton_op (Inductor would inline the launch, but tracing
-    # one needs a real GPU kernel, so the compile path could not be tested under the CPU
-    # interpreter). torch.compile sees an op whose output shape the fake below gives, keeps the
-    # forward one graph and calls the op as it is; inlining would only save the launch's
-    # dispatch, microseconds a layer.
-    @torch.library.custom_op("gpt::block_max_logits", mutates_args=())
-    def _block_max_logits(q: Tensor, k: Tensor) -> Tensor:
-        """The largest unscaled causal logit of each PROBE_BLOCK_M query rows: (B * H, n_blocks) fp32."""
-        B, H, T, D = q.shape
-        out = torch.empty(B * H, triton.cdiv(T, PROBE_BLOCK_M), dtype=torch.float32, device=q.device)
-        _block_max_logits_kernel[(out.size(1), B * H)](
-            q, k, out, H, T, D, *q.stride(), *k.stride(), **probe_kernel_constants(q.dtype, D),
-            num_warps=PROBE_NUM_WARPS,
-        )
-        return out
-
-    @_block_max_logits.register_fake
-    def _(q: Tensor, k: Tensor) -> Tensor:
-        B, H, T, _ = q.shape
-        return q.new_empty(B * H, triton.cdiv(T, PROBE_BLOCK_M), dtype=torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# The attention kernel: one backend per run, chosen for the device and the head widths
-
-_SDPA_CHECKS = {"cudnn": torch.backends.cuda.can_use_cudnn_attention,
-                "flash": torch.backends.cuda.can_use_flash_attention,
-                "efficient": torch.backends.cuda.can_use_efficient_attention}
-
-
-def sdpa_supports(backend: str, qk_dim: int, v_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether PyTorch's own dispatch would run `backend` for causal attention of these widths here."""
-    q = torch.empty(1, 1, 128, qk_dim, dtype=dtype, device=device)
-    v = torch.empty(1, 1, 128, v_dim, dtype=dtype, device=device)
-    return _SDPA_CHECKS[backend](torch.backends.cuda.SDPAParams(q, q, v, None, 0.0, True, False))
-
-
-def choose_sdpa_backend(device: torch.device, qk_dim: int, v_dim: int, dtype: torch.dtype,
-                        supports=sdpa_supports) -> str:
-    """The attention backend for a run: cuDNN where it takes these widths (on an H100: 1.28 ms per
-    124M-MLA layer fwd+bwd at B=32, T=1024, q/k 96 and v 64), else flash with v zero-padded to the
-    q/k width (flash refuses unequal widths; padding costs v's share of the work), else the
-    memory-efficient kernel (3.50 ms for that layer), else math. On a CPU, PyTorch's CPU flash
-    kernel, v padded likewise: it too takes only equal widths, and beat the math backend by 25% on
-    the demo's earlier 48-wide q/k with v 32 padded (the demo now has q, k and v 32 wide: no
-    padding, 24 ms a step less). Measured on torch 2.11 and 2.13; `supports` is PyTorch's own
-    eligibility check."""
-    if device.type != "cuda":
-        return "flash"
-    if supports("cudnn", qk_dim, v_dim, dtype, device):
-        return "cudnn"
-    if supports("flash", qk_dim, qk_dim, dtype, device):
-        return "flash"
-    if supports("efficient", qk_dim, v_dim, dtype, device):
-        return "efficient"
-    return "math"
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str | None) -> Tensor:
-    """softmax(q k^T * scale + causal mask) v, (B, H, T, v width), on `backend` (None: PyTorch's pick).
-    flash needs v as wide as q and k: v is zero-padded and the padding's output columns dropped,
-    which leaves the real columns exactly what they are unpadded."""
-    if backend is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    v_dim = v.size(-1)
-    if backend == "flash" and v_dim < q.size(-1):
-        v = F.pad(v, (0, q.size(-1) - v_dim))
-    with sdpa_kernel(SDPA_BACKENDS[backend]):
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return y[..., :v_dim]
-
-
-class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm whose backward on a CPU is written out (RMSNormCPU); elsewhere torch's own.
-    On CUDA torch has a fused backward kernel and under torch.compile Inductor fuses either form."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and self.weight is not None and not torch.compiler.is_compiling():
-            return RMSNormCPU.apply(x, self.weight, self.eps)
-        return super().forward(x)
-
-
-class RMSNormCPU(torch.autograd.Function):
-    """y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps) over the last dim.
-
-    torch 2.13 has a fused RMSNorm forward on a CPU but no fused backward: autograd replays the
-    decomposition (pow, mean, add, rsqrt, two muls) backwards, ~10 passes over x. Here the forward
-    is the fused kernel, which also returns rstd, and the backward is
-        dx = rstd (g w) - x rstd^3 sum_d(g w x) / D,    dw = sum over rows of g x rstd,
-    with both reductions as matrix-vector products over g x: 2.2x faster fwd+bwd on the demo's
-    (16, 128, 128) activations, equal to torch's to fp32 rounding (tests/test_model.py)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.size(-1)], weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        D = x.size(-1)
-        grad_x = grad * x
-        grad_weight = grad_x.reshape(-1, D).T @ rstd.reshape(-1)
-        g_w_x = (grad_x @ weight).unsqueeze(-1)
-        dx = (grad * weight).mul_(rstd).addcmul_(x, g_w_x * rstd.pow(3), value=-1.0 / D)
-        return dx, grad_weight, None
 
 
 def _norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
@@ -441,10 +173,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.wq = nn.Linear(d, H * qk_dim, bias=False)
         else:
             self.wq_a = nn.Linear(d, self.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(self.q_lora_rank, eps=NORM_EPS)
+            self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=NORM_EPS)
             self.wq_b = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
         self.wkv_a = nn.Linear(d, self.kv_lora_rank + self.rope, bias=False)
-        self.kv_norm = RMSNorm(self.kv_lora_rank, eps=NORM_EPS)
+        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=NORM_EPS)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, d, bias=False)
         self.softmax_scale = qk_dim ** -0.5
@@ -482,8 +214,8 @@ class MultiHeadLatentAttention(nn.Module):
         # One cat each; the shared rope key is broadcast to the heads by expand, not copied first.
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
-        y = causal_attention(q, k, v.transpose(1, 2), self.softmax_scale, self.sdpa_backend)
-        max_logits = max_causal_logits(q, k, self.softmax_scale, self.probe_chunk_size) if probe else None
+        y = kernels.causal_attention(q, k, v.transpose(1, 2), self.softmax_scale, self.sdpa_backend)
+        max_logits = kernels.max_causal_logits(q, k, self.softmax_scale, self.probe_chunk_size) if probe else None
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), max_logits
 
     def _decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, start: int) -> Tensor:
@@ -542,8 +274,8 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         if cache is None:
-            y = causal_attention(q, k, v, self.softmax_scale, self.sdpa_backend)
-            max_logits = max_causal_logits(q, k, self.softmax_scale, self.probe_chunk_size) if probe else None
+            y = kernels.causal_attention(q, k, v, self.softmax_scale, self.sdpa_backend)
+            max_logits = kernels.max_causal_logits(q, k, self.softmax_scale, self.probe_chunk_size) if probe else None
         else:
             end = start + T
             cache[0, :, :, start:end], cache[1, :, :, start:end] = k, v
@@ -559,24 +291,6 @@ class MultiHeadAttention(nn.Module):
 # MLP, block, GPT
 
 
-class ReLUSquared(torch.autograd.Function):
-    """relu(x)^2 (modded-nanogpt's MLP activation) with the backward 2 relu(x) g written out.
-    Autograd's own chain (pow, two muls, then relu's threshold) makes four passes over the
-    (B, T, 4d) activation; this makes two, with bit-identical gradients, and runs 3x faster on a
-    CPU for the demo's shape. Under torch.compile, Inductor fuses either form."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = x.relu()
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad):
-        (r,) = ctx.saved_tensors
-        return (grad * r).mul_(2)
-
-
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -584,15 +298,15 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.proj(ReLUSquared.apply(self.fc(x)))
+        return self.proj(F.relu(self.fc(x)).square())  # relu^2, as in modded-nanogpt
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(config.n_embd, eps=NORM_EPS)
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
         self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else MultiHeadAttention(config)
-        self.mlp_norm = RMSNorm(config.n_embd, eps=NORM_EPS)
+        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, probe=False, cache=None, start=0):
@@ -607,7 +321,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = RMSNorm(config.n_embd, eps=NORM_EPS)
+        self.norm_f = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         rope_dim = config.qk_rope_head_dim if config.attention == "mla" else config.head_dim
         cos, sin = rope_tables(rope_dim, config.block_size, config.rope_theta)
@@ -639,6 +353,28 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() if non_embedding else n
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 per weight of every matmul, plus attention's QK^T and AV.
+
+        Every weight but the token embedding (a lookup) counts, the head included, as the tied
+        wte does in nanoGPT. Attention is counted over the full T x T like nanoGPT's 12 L H Q T,
+        with MLA's q/k width (nope + rope) and v width: 2 FLOPs x 3 (fwd + bwd) x T x H x (qk + v)
+        per layer."""
+        c = self.config
+        qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla" else (c.head_dim,) * 2
+        return 6 * self.num_params(non_embedding=True) + 6 * c.n_layer * c.n_head * seq_len * (qk + v)
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """(name, parameter) pairs by the optimizer settings they need: "matrices", the hidden 2-D
+        weights (Muon); "embedding", "head" and "gains" (norm weights), AdamW each, with learning
+        rates orders of magnitude apart."""
+        groups = {"matrices": [], "embedding": [], "head": [], "gains": []}
+        for name, p in self.named_parameters():
+            kind = ("embedding" if name.startswith("wte.") else "head" if name.startswith("lm_head.")
+                    else "matrices" if p.ndim == 2 else "gains")
+            groups[kind].append((name, p))
+        return groups
+
     def choose_attention(self, dtype: torch.dtype) -> str:
         """Fix every layer's attention backend for this run (config sdpa_backend, "auto" resolved by
         choose_sdpa_backend for the model's device) and return its name. Until this is called,
@@ -647,7 +383,7 @@ class GPT(nn.Module):
         qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla" else (c.head_dim,) * 2
         backend = c.sdpa_backend
         if backend == "auto":
-            backend = choose_sdpa_backend(self.lm_head.weight.device, qk, v, dtype)
+            backend = kernels.choose_sdpa_backend(self.lm_head.weight.device, qk, v, dtype)
         for block in self.blocks:
             block.attn.sdpa_backend = backend
         return backend

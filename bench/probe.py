@@ -18,7 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import model
+import kernels
+from model import GPTConfig
 from bench.timing import median_ms
 
 WIDTHS = {"gpt124m-mla": (96, 64), "gpt124m-mha": (64, 64)}  # q/k width, v width per head
@@ -33,9 +34,9 @@ def heads(B: int, T: int, H: int, D: int, generator: torch.Generator) -> tuple[t
 def check_kernel(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_size: int) -> None:
     """The kernel on bf16 and on fp32 inputs against the chunked probe in fp32 (bf16 products are
     exact in fp32, so only summation order differs)."""
-    expected = model.chunked_max_causal_logits(q.float(), k.float(), scale, chunk_size)
+    expected = kernels.chunked_max_causal_logits(q.float(), k.float(), scale, chunk_size)
     for inputs in ((q, k), (q.float(), k.float())):
-        torch.testing.assert_close(model.triton_max_causal_logits(*inputs, scale), expected, rtol=1e-5, atol=0,
+        torch.testing.assert_close(kernels.triton_max_causal_logits(*inputs, scale), expected, rtol=1e-5, atol=0,
                                    msg=lambda m: f"Triton probe, {inputs[0].dtype} inputs, against chunked fp32: {m}")
 
 
@@ -44,7 +45,7 @@ def time_layer(B: int, H: int, T: int, qk_dim: int, v_dim: int, warmup: int, ite
     g = torch.Generator(device="cuda").manual_seed(0)
     (q_leaf, q), (k_leaf, k), (v_leaf, v) = (heads(B, T, H, D, g) for D in (qk_dim, qk_dim, v_dim))
     scale = qk_dim ** -0.5
-    chunk_size = model.GPTConfig().probe_chunk_size
+    chunk_size = GPTConfig().probe_chunk_size
     dy = torch.randn(B, H, T, v_dim, device="cuda", generator=g).bfloat16()
     check_kernel(q.detach(), k.detach(), scale, chunk_size)
 
@@ -52,15 +53,15 @@ def time_layer(B: int, H: int, T: int, qk_dim: int, v_dim: int, warmup: int, ite
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         torch.autograd.grad(y, (q_leaf, k_leaf, v_leaf), dy)
 
-    chunked_compiled = torch.compile(model.chunked_max_causal_logits)
-    triton_compiled = torch.compile(model.triton_max_causal_logits, fullgraph=True)
+    chunked_compiled = torch.compile(kernels.chunked_max_causal_logits)
+    triton_compiled = torch.compile(kernels.triton_max_causal_logits, fullgraph=True)
     return [
         ("attention fwd+bwd (SDPA, default backend)", median_ms(attention, warmup, iters)),
         (f"probe: chunked (chunk {chunk_size}), eager",
-         median_ms(lambda: model.chunked_max_causal_logits(q, k, scale, chunk_size), warmup, iters)),
+         median_ms(lambda: kernels.chunked_max_causal_logits(q, k, scale, chunk_size), warmup, iters)),
         (f"probe: chunked (chunk {chunk_size}), compiled",
          median_ms(lambda: chunked_compiled(q, k, scale, chunk_size), warmup, iters)),
-        ("probe: Triton kernel, eager", median_ms(lambda: model.triton_max_causal_logits(q, k, scale), warmup, iters)),
+        ("probe: Triton kernel, eager", median_ms(lambda: kernels.triton_max_causal_logits(q, k, scale), warmup, iters)),
         ("probe: Triton kernel, in torch.compile", median_ms(lambda: triton_compiled(q, k, scale), warmup, iters)),
     ]
 
@@ -75,10 +76,10 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.probe times GPU kernels and needs CUDA: torch.cuda.is_available() is False here")
-    if model.triton is None:
+    if kernels.triton is None:
         sys.exit("bench.probe times the probe's Triton kernel and needs Triton: pip install triton")
     torch.set_float32_matmul_precision("highest")  # the fp32 reference of check_kernel must not use TF32
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {model.triton.__version__}")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {kernels.triton.__version__}")
     print(f"B={args.batch}, H={args.heads}, T={args.seq}, bf16, causal; "
           f"median of {args.iters} after {args.warmup} warm-up calls")
     tables = {name: time_layer(args.batch, args.heads, args.seq, *widths, args.warmup, args.iters)

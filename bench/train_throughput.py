@@ -65,7 +65,7 @@ def main(argv=None) -> list:
             yield from micro_batches
 
     n_params = raw_model.num_params(non_embedding=True)
-    flops = train.flops_per_token(model_cfg, n_params, T)
+    flops = raw_model.flops_per_token(T)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__} | {cfg.model.preset}: {raw_model.num_params() / 1e6:.1f}M parameters "
           f"({n_params / 1e6:.1f}M non-embedding), {flops / 1e6:.0f} MFLOP/token | {grad_accum} micro-steps of "

@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import config
 import train
 from data import fineweb, prepare
 from data.shard import HEADER_BYTES, write_shard
@@ -267,8 +269,8 @@ def test_a_gradient_on_some_ranks_only_stops_every_rank_naming_it(tmp_path):
 def test_help_lists_every_config_key_with_type_and_default():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0
-    for section, cls in train.SECTIONS.items():
-        for key in train.typing.get_type_hints(cls):
+    for section, cls in config.SECTIONS.items():
+        for key in typing.get_type_hints(cls):
             assert re.search(rf"^    {section}\.{key}: \S", result.stdout, flags=re.M), f"{section}.{key}"
     assert "    optim.lr: float = 0.05  # hidden matrices" in result.stdout
     assert "HOST:29500 train.py --config configs/speedrun.toml" in result.stdout  # one line, as printed

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_module  # the module: most tests here name a GPT `model`
+import kernels
+
 import muon
 from model import CONFIGS, GPT, GPTConfig
 
@@ -202,6 +203,7 @@ def test_sequence_longer_than_block_size_is_refused():
 INTERPRETED_PROBE = r'''
 import json
 import torch
+import kernels
 import model
 
 torch.manual_seed(0)
@@ -231,10 +233,10 @@ def case(q, k, dtype, chunk_size=16):
     q, k = q.to(dtype), k.to(dtype)
     unmasked = (q.float() @ k.float().transpose(-2, -1)).amax(dim=(0, 2, 3)) * SCALE
     return dict(
-        triton=model.triton_max_causal_logits(q, k, SCALE).tolist(),
-        chunked=model.chunked_max_causal_logits(q, k, SCALE, chunk_size).tolist(),
+        triton=kernels.triton_max_causal_logits(q, k, SCALE).tolist(),
+        chunked=kernels.chunked_max_causal_logits(q, k, SCALE, chunk_size).tolist(),
         # bf16 products are exact in fp32, so this is what the kernel computes, bar summation order.
-        chunked_fp32=model.chunked_max_causal_logits(q.float(), k.float(), SCALE, chunk_size).tolist(),
+        chunked_fp32=kernels.chunked_max_causal_logits(q.float(), k.float(), SCALE, chunk_size).tolist(),
         unmasked=unmasked.tolist(), dtype=str(dtype),
     )
 
@@ -250,10 +252,10 @@ q, k = torch.randn(2, 3, 100, 64).abs(), -torch.randn(2, 3, 100, 64).abs()
 results["negative logits, contiguous"] = case(q, k, torch.float32)
 results["one token, D=8"] = case(bthd(2, 1, 3, 8), bthd(2, 1, 3, 8), torch.float32)
 # Query and key blocks of different heights: the diagonal blocks are not aligned.
-for model.PROBE_BLOCK_M, model.PROBE_BLOCK_N in ((16, 32), (32, 16)):
-    name = f"mla T=100, blocks {model.PROBE_BLOCK_M} x {model.PROBE_BLOCK_N}"
+for kernels.PROBE_BLOCK_M, kernels.PROBE_BLOCK_N in ((16, 32), (32, 16)):
+    name = f"mla T=100, blocks {kernels.PROBE_BLOCK_M} x {kernels.PROBE_BLOCK_N}"
     results[name] = case(*mla_like(1, 3, 100), torch.float32)
-model.PROBE_BLOCK_M, model.PROBE_BLOCK_N = 64, 64
+kernels.PROBE_BLOCK_M, kernels.PROBE_BLOCK_N = 64, 64
 
 # In the model: CPU tensors dispatch to the chunked path, so point the probe at the kernel, then
 # compile the forward as one graph (aot_eager: the tracing and fake shapes Inductor would see).
@@ -267,7 +269,7 @@ idx = torch.randint(0, config.vocab_size, (2, 100))
 _, chunked = gpt(idx, probe=True)
 with torch.autocast("cpu", dtype=torch.bfloat16):
     _, chunked_bf16 = gpt(idx, probe=True)
-model.max_causal_logits = lambda q, k, scale, chunk_size: model.triton_max_causal_logits(q, k, scale)
+kernels.max_causal_logits = lambda q, k, scale, chunk_size: kernels.triton_max_causal_logits(q, k, scale)
 compiled = torch.compile(gpt, backend="aot_eager", fullgraph=True)
 _, kernel = compiled(idx, probe=True)
 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -328,27 +330,27 @@ def test_triton_probe_equals_chunked_probe_under_the_interpreter():
 
 def sm90_resources(dtype: torch.dtype, n_head: int, head_dim: int, seq_len: int) -> dict[str, int]:
     """Registers and stack (spilled) bytes a thread, and shared memory, of the kernel compiled for
-    sm_90 as model_module._block_max_logits launches it on q, k made as attention makes them: a
+    sm_90 as kernels._block_max_logits launches it on q, k made as attention makes them: a
     (B, H, T, D) view of (B, T, H, D). The integer arguments are specialised as Triton does at a
     launch: a 1 becomes a constant, a multiple of 16 is marked divisible (it changes the code)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = model_module._block_max_logits_kernel
+    kernel = kernels._block_max_logits_kernel
     pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     q = torch.empty(2, seq_len, n_head, head_dim, device="meta").transpose(1, 2)
     integers = dict(n_head=n_head, T=seq_len, D=head_dim,
                     **{f"{x}_stride_{dim}": stride for x in "qk" for dim, stride in zip("bhtd", q.stride())})
     constants = {**{name: 1 for name, value in integers.items() if value == 1},
-                 **model_module.probe_kernel_constants(dtype, head_dim)}
+                 **kernels.probe_kernel_constants(dtype, head_dim)}
     signature = dict(q_ptr=pointer, k_ptr=pointer, out_ptr="*fp32", **{name: "i32" for name in integers})
     signature.update({name: "constexpr" for name in constants})
     divisible = ["q_ptr", "k_ptr", "out_ptr"] + [name for name, value in integers.items()
                                                  if value != 1 and value % 16 == 0]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": model_module.PROBE_NUM_WARPS})
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.PROBE_NUM_WARPS})
     cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = pathlib.Path(tmp) / "probe.cubin"
@@ -360,7 +362,7 @@ def sm90_resources(dtype: torch.dtype, n_head: int, head_dim: int, seq_len: int)
 
 
 # (heads, q/k width): gpt124m-mla's, gpt124m-mha's, and the widest the model sends to the kernel.
-H100_PROBE_SHAPES = {"gpt124m-mla": (12, 96), "gpt124m-mha": (12, 64), "widest": (4, model_module.PROBE_MAX_HEAD_DIM)}
+H100_PROBE_SHAPES = {"gpt124m-mla": (12, 96), "gpt124m-mha": (12, 64), "widest": (4, kernels.PROBE_MAX_HEAD_DIM)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -377,11 +379,11 @@ def test_triton_probe_builds_for_h100_without_spilling(dtype, shape):
 
 
 def test_triton_probe_spills_on_fp32_so_the_model_sends_fp32_to_chunks():
-    """Why model_module.PROBE_FUSED_DTYPES leaves fp32 out. If this fails, Triton builds the exact
+    """Why kernels.PROBE_FUSED_DTYPES leaves fp32 out. If this fails, Triton builds the exact
     fp32 dot without spilling now: measure it (bench/probe.py) and let fp32 use the kernel again."""
     require_triton()
     assert sm90_resources(torch.float32, *H100_PROBE_SHAPES["gpt124m-mla"], seq_len=1024)["stack"] > 1024
-    assert torch.float32 not in model_module.PROBE_FUSED_DTYPES
+    assert torch.float32 not in kernels.PROBE_FUSED_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,9 +555,9 @@ def test_flash_with_v_padded_is_attention_with_v_unpadded():
         unpadded = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         padded = F.scaled_dot_product_attention(q, k, F.pad(v, (0, 8)), is_causal=True, scale=scale)[..., :16]
     assert torch.equal(padded, unpadded)
-    flash = model_module.causal_attention(q, k, v, scale, "flash")
+    flash = kernels.causal_attention(q, k, v, scale, "flash")
     assert flash.shape == v.shape
-    scores = (q.double() @ k.double().mT * scale).masked_fill(~model_module.causal_mask(0, 40, 40, "cpu"), float("-inf"))
+    scores = (q.double() @ k.double().mT * scale).masked_fill(~kernels.causal_mask(0, 40, 40, "cpu"), float("-inf"))
     torch.testing.assert_close(flash.double(), scores.softmax(-1) @ v.double(), atol=1e-5, rtol=0)
 
 
@@ -581,10 +583,10 @@ def test_the_backend_policy_prefers_cudnn_then_padded_flash_then_efficient(machi
         return MACHINES[machine][backend](qk, v)
 
     cuda = torch.device("cuda")
-    assert model_module.choose_sdpa_backend(cuda, 96, 64, torch.bfloat16, supports) == expected
+    assert kernels.choose_sdpa_backend(cuda, 96, 64, torch.bfloat16, supports) == expected
     if expected in ("flash", "efficient", "math"):
         assert ("flash", 96, 96) in asked  # flash is asked about the padded widths
-    assert model_module.choose_sdpa_backend(torch.device("cpu"), 96, 64, torch.float32, supports) == "flash"
+    assert kernels.choose_sdpa_backend(torch.device("cpu"), 96, 64, torch.float32, supports) == "flash"
 
 
 def test_the_chosen_backend_is_used_by_every_layer_and_a_config_can_force_one():
@@ -609,40 +611,6 @@ def test_the_chosen_backend_is_used_by_every_layer_and_a_config_can_force_one():
 def test_widths_no_fused_kernel_serves_are_refused_by_name(changes, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(CONFIGS["tiny-mla"], **changes)
-
-
-def test_relu_squared_has_autograds_values_and_gradients_bit_for_bit():
-    from model import ReLUSquared
-    x = torch.randn(4, 8, 32, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn_like(x)
-    reference = torch.nn.functional.relu(x).square()
-    (expected,) = torch.autograd.grad(reference, x, grad)
-    out = ReLUSquared.apply(x)
-    (got,) = torch.autograd.grad(out, x, grad)
-    assert torch.equal(out, reference) and torch.equal(got, expected)
-    assert torch.autograd.gradcheck(ReLUSquared.apply, (x[:1, :2, :6].detach().requires_grad_(),))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rms_norm_on_a_cpu_has_torchs_values_and_gradients(dtype):
-    from model import RMSNorm, RMSNormCPU
-    norm = RMSNorm(48, eps=1e-6).to(dtype)
-    reference = torch.nn.RMSNorm(48, eps=1e-6).to(dtype)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        reference.weight.copy_(norm.weight)
-    x = (3 * torch.randn(4, 8, 48, dtype=dtype)).requires_grad_()
-    grad = torch.randn_like(x)
-    out, expected = norm(x), reference(x)
-    got = torch.autograd.grad(out, (x, norm.weight), grad)
-    want = torch.autograd.grad(expected, (x, reference.weight), grad)
-    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, expected, **tolerance)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, **tolerance)
-    if dtype == torch.float64:
-        small = x[:1, :3].detach().requires_grad_()
-        assert torch.autograd.gradcheck(lambda a, w: RMSNormCPU.apply(a, w, 1e-6), (small, norm.weight))
 
 
 def test_rope_by_roll_is_the_split_rotation_bit_for_bit():

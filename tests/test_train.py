@@ -19,7 +19,7 @@ import muon
 import train
 from data.demo import ensure_demo_shards
 from data.shard import write_shard
-from model import CONFIGS
+from model import CONFIGS, GPT
 
 REPO = Path(__file__).resolve().parent.parent
 # A tiny run: bytes tokenizer, 2 micro-steps of 4 x 32 per step, MuonClip with a tau it will hit.
@@ -479,10 +479,12 @@ def test_trapezoid_schedule_and_momentum_warmup():
 
 
 def test_flops_per_token_is_nanogpts_for_mha_and_uses_mla_widths():
-    mha, mla = CONFIGS["gpt124m-mha"], CONFIGS["gpt124m-mla"]
-    L, H, T, N = 12, 12, 1024, 85_000_000
-    assert train.flops_per_token(mha, N, T) == 6 * N + 12 * L * H * 64 * T  # nanoGPT's estimate_mfu
-    assert train.flops_per_token(mla, N, T) == 6 * N + 6 * L * H * T * ((64 + 32) + 64)
+    L, H, T = 12, 12, 1024
+    with torch.device("meta"):  # shapes only: no 124M weights to fill
+        mha, mla = GPT(CONFIGS["gpt124m-mha"]), GPT(CONFIGS["gpt124m-mla"])
+    N, M = mha.num_params(non_embedding=True), mla.num_params(non_embedding=True)
+    assert mha.flops_per_token(T) == 6 * N + 12 * L * H * 64 * T  # nanoGPT's estimate_mfu
+    assert mla.flops_per_token(T) == 6 * M + 6 * L * H * T * ((64 + 32) + 64)
 
 
 def test_spectrum_is_the_stable_rank_of_the_singular_values():

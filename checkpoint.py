@@ -1,0 +1,216 @@
+"""What a run leaves on disk, and how it gets back: checkpoints, the run dir, and stopping cleanly.
+
+    train.run_dir/
+        ckpt_NNNNNN.pt    model, optimizer, step, loader position, RNG states, config, W&B run id
+        metrics.jsonl     every logged scalar (runlog.py)
+        .lock             held by the one trainer writing here
+
+Only rank 0 writes. A checkpoint is written to a temporary file and renamed, so a crash leaves
+either the whole file or none; the temporaries of a killed writer are removed at the next start.
+A checkpoint counts as good once a finite training loss has been computed from its weights:
+one written just before a run diverged is renamed *.pt.nonfinite, so `--resume latest` skips it.
+"""
+
+import fcntl
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import ConfigError
+from data.shard import write_atomically
+
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "loader", "rng", "config", "train_time_s")
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (a failed checkpoint write, a diverged run): one line for the user, no traceback."""
+
+
+class NonFiniteLoss(RunError):
+    """A nan or inf training loss or max logit: the run stops, and nothing is saved over the last good checkpoint."""
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in run_dir, oldest first."""
+    found = []
+    for path in run_dir.glob("ckpt_*.pt"):
+        step = path.stem.removeprefix("ckpt_")
+        if step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--resume {path}: no such checkpoint file")
+    try:  # mmap: reading the config does not load a GB of weights
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ConfigError(f"--resume {path}: a torch file, but not one of train.py's checkpoints (it lacks "
+                          f"{', '.join(missing)}); checkpoints are the ckpt_NNNNNN.pt files in a train.run_dir")
+    return checkpoint
+
+
+class Checkpoints:
+    """Rank 0's checkpoints of this run, and which of them are known to be good.
+
+    The loss check sees each step's loss from before its update, so the newest checkpoint is
+    unvouched until a finite training loss has been computed from its weights (vouch()); if
+    instead the run diverges first, that checkpoint holds the update that led there (diverged())."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.good: tuple[int, Path] | None = None
+        self.unvouched: tuple[int, Path] | None = (checkpoints(run_dir) or [None])[-1] if enabled else None
+
+    def save(self, step: int, state: dict) -> None:
+        path = self.run_dir / f"ckpt_{step:06d}.pt"
+        try:
+            write_atomically(path, lambda f: torch.save(state, f))  # never half a checkpoint
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            kept = f"{self.unvouched[1]} (step {self.unvouched[0]})" if self.unvouched else "none"
+            raise RunError(f"could not write the checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                           f"nothing was left half-written; the latest checkpoint is {kept}") from None
+        self.unvouched = (step, path)
+
+    def vouch(self) -> None:
+        """A finite loss came from the newest checkpoint's weights: it is good."""
+        if self.unvouched:
+            self.good, self.unvouched = self.unvouched, None
+
+    def diverged(self, what: str, blame_unvouched: bool = True) -> NonFiniteLoss:
+        """The error for a non-finite value, naming the checkpoint to resume. With blame_unvouched,
+        the unvouched checkpoint holds the weights that produced it: it is renamed *.pt.nonfinite,
+        so that --resume latest takes the good one."""
+        kept = (f"the last good checkpoint is {self.good[1]} (step {self.good[0]})" if self.good
+                else "no checkpoint had been written" if not self.unvouched else "no checkpoint is known to be good")
+        if self.unvouched and blame_unvouched:
+            step, path = self.unvouched
+            poisoned = path.with_name(path.name + ".nonfinite")
+            os.replace(path, poisoned)
+            kept += f"; {path.name} (step {step}) holds the update that led here and was renamed {poisoned.name}"
+        return NonFiniteLoss(f"{what}; stopped without saving this state; {kept}")
+
+
+def rng_state(device: torch.device) -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run dir: one trainer at a time, never over another run's files
+
+
+def claim_run_dir(run_dir: Path, resume_step: int | None):
+    """Make run_dir this run's: writable, locked against a second trainer, cleared of temporary
+    files that a killed writer left, and holding nothing a fresh run would write over. Returns
+    the open lock file; the lock holds until release_run_dir or the process's end."""
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"train.run_dir = {run_dir}: cannot write there ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(f"train.run_dir = {run_dir} is in use by another trainer ({holder}); wait for it "
+                          "to end, or set another train.run_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    lock.created_run_dir = created  # so a run refused before it wrote anything leaves no folder behind
+    try:
+        check_run_dir(run_dir, resume_step)
+    except ConfigError:
+        release_run_dir(lock, wrote_nothing=True)
+        raise
+    # Only a lock holder writes checkpoints here, so every temporary checkpoint file is a dead writer's.
+    for stale in run_dir.glob(".ckpt_*.tmp"):
+        print(f"removing {stale}: a checkpoint that a killed run was writing ({stale.stat().st_size:,} bytes)")
+        stale.unlink()
+    return lock
+
+
+def release_run_dir(lock, wrote_nothing: bool) -> None:
+    """Unlock; a run dir this run created and left empty (a config error found late) is removed."""
+    path = Path(lock.name)
+    lock.close()
+    if wrote_nothing and lock.created_run_dir and [p.name for p in path.parent.iterdir()] == [".lock"]:
+        path.unlink()
+        path.parent.rmdir()
+
+
+def check_run_dir(run_dir: Path, resume_step: int | None) -> None:
+    """Refuse to write over another run's files: a fresh run needs a run dir without checkpoints, a
+    resumed one a run dir without checkpoints after its step. The metrics of a run that stopped
+    before its first checkpoint (nothing to resume) are kept aside as metrics.N.jsonl."""
+    later = [path.name for step, path in checkpoints(run_dir) if resume_step is None or step > resume_step]
+    if later:
+        what = "already holds a run" if resume_step is None else f"holds checkpoints after step {resume_step}"
+        raise ConfigError(f"train.run_dir = {run_dir} {what} ({', '.join(later[:3])}); resume it with "
+                          "--resume latest, or set another train.run_dir")
+    metrics = run_dir / "metrics.jsonl"
+    if resume_step is None and metrics.exists():
+        kept = next(run_dir / f"metrics.{n}.jsonl" for n in range(1, 10**6) if not (run_dir / f"metrics.{n}.jsonl").exists())
+        os.rename(metrics, kept)
+        print(f"{run_dir} holds a run that stopped before its first checkpoint: its {metrics.name} is kept as "
+              f"{kept.name}, and this run starts over")
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C) ask the run to stop: it finishes
+    the step, writes a checkpoint, ends the W&B run and exits with 128 + the signal's number. The
+    first signal puts the previous handlers back, so a second one acts at once (KeyboardInterrupt,
+    or the default SIGTERM kill)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signum
+        self.restore()
+        print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
