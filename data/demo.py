@@ -26,9 +26,10 @@ VAL_FRACTION = 0.05
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}  # third-party code and test suites
 
 
-def ensure_demo_shards(out_dir=DEFAULT_DIR):
-    """Build the demo shards in out_dir unless they are there already; returns out_dir as a Path."""
-    out_dir = Path(out_dir)
+def ensure_demo_shards(out_dir=None):
+    """Build the demo shards in out_dir (default DEFAULT_DIR) unless they are there already;
+    returns out_dir as a Path."""
+    out_dir = Path(out_dir or DEFAULT_DIR)
     if has_demo_shards(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)

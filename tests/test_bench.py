@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
-
 import torch
 
+import data.demo
 from bench import communication, memory, muon_vs_adamw, muonclip, peer, spectrum, toy_power20, train_throughput
 from data.demo import ensure_demo_shards
 
@@ -139,7 +139,8 @@ def test_peer_trains(tmp_path, capsys):
 
 def test_train_throughput_times_the_demo_step_in_each_probe_mode(capsys):
     results = train_throughput.main(["--config", str(Path(__file__).resolve().parent.parent / "configs/demo.toml"), "--steps", "1", "--warmup", "0",
-                                     "--train.micro_batch_size=4", "--train.batch_tokens=1024"])
+                                     "--train.micro_batch_size=4", "--train.batch_tokens=1024",
+                                     f"--data.dir={data.demo.DEFAULT_DIR}"])
     assert [label for label, *_ in results] == ["probe off", "probe on", "probe + MuonClip"]
     assert all(ms > 0 and tokens_per_s > 0 for _, ms, tokens_per_s, _ in results)
     assert last_line(capsys).startswith("probe + MuonClip")

@@ -276,6 +276,16 @@ def test_help_lists_every_config_key_with_type_and_default():
     assert "HOST:29500 train.py --config configs/speedrun.toml" in result.stdout  # one line, as printed
 
 
+def test_help_after_a_config_and_overrides_prints_the_resolved_config():
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.toml", "--optim.lr=0.01", "--help"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "    optim.lr: float = 0.01  # hidden matrices" in result.stdout  # the override
+    assert "    model.n_layer: int = 4" in result.stdout  # the config's
+    assert "    model.n_head: int = 4" in result.stdout  # its preset's (tiny-mla)
+    assert '    train.run_dir: str = "runs/demo"' in result.stdout
+
+
 @pytest.mark.parametrize("argv_tail, message", [
     (["--config", "other.toml"], r"--config given twice"),
     (["--optim.lr=inf"], r"optim.lr = inf: expected a finite number"),

@@ -366,6 +366,14 @@ def test_config_files_in_configs_all_load():
     assert adamw.optim.optimizer == "adamw" and train.asdict(adamw.model) == train.asdict(gpu.model)
 
 
+def test_config_files_hold_only_what_differs_from_the_defaults():
+    defaults = train.asdict(train.Config())
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        for section, values in train.read_toml(str(path)).items():
+            same = [key for key, value in values.items() if defaults[section][key] == value]
+            assert not same, f"{path.name} repeats the defaults of {section}: {same}"
+
+
 def test_overrides_are_parsed_to_the_keys_types(tiny_data, tmp_path):
     config = tiny_config(tmp_path, tiny_data)
     cfg, resume = train.load_run_config(["--config", config, "--optim.lr", "3e-4", "--schedule.steps=9",
