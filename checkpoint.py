@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from config import ConfigError
 from data.shard import write_atomically
@@ -47,18 +48,32 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path, flag: str = "--resume") -> dict:
+    """A checkpoint train.py wrote, or a ConfigError naming `flag` and what is wrong with the file."""
     if not path.is_file():
-        raise ConfigError(f"--resume {path}: no such checkpoint file")
+        raise ConfigError(f"{flag} {path}: no such checkpoint file")
     try:  # mmap: reading the config does not load a GB of weights
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise ConfigError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
-        raise ConfigError(f"--resume {path}: a torch file, but not one of train.py's checkpoints (it lacks "
+        raise ConfigError(f"{flag} {path}: a torch file, but not one of train.py's checkpoints (it lacks "
                           f"{', '.join(missing)}); checkpoints are the ckpt_NNNNNN.pt files in a train.run_dir")
     return checkpoint
+
+
+def newest_readable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint in run_dir that reads whole (None if there is none), and a line for
+    each newer one skipped as unreadable (a crash mid-copy, a full disk on another writer)."""
+    skipped = []
+    for step, path in reversed(checkpoints(run_dir)):
+        try:
+            read_checkpoint(path)
+            return path, skipped
+        except ConfigError as e:
+            skipped.append(f"skipping {path.name} (step {step}): {str(e).removeprefix(f'--resume {path}: ')}")
+    return None, skipped
 
 
 class Checkpoints:
@@ -124,10 +139,36 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # The run dir: one trainer at a time, never over another run's files
 
 
-def claim_run_dir(run_dir: Path, resume_step: int | None):
+def claim_run_dir(run_dir: Path, resume_step: int | None, agree: bool = False):
     """Make run_dir this run's: writable, locked against a second trainer, cleared of temporary
     files that a killed writer left, and holding nothing a fresh run would write over. Returns
-    the open lock file; the lock holds until release_run_dir or the process's end."""
+    the open lock file; the lock holds until release_run_dir or the process's end. With agree
+    (rank 0 of several), the other ranks, in wait_for_run_dir, learn whether it succeeded."""
+    try:
+        lock = _claim_run_dir(run_dir, resume_step)
+    except ConfigError:
+        if agree:
+            _tell_ranks(claimed=False)
+        raise
+    if agree:
+        _tell_ranks(claimed=True)
+    return lock
+
+
+def wait_for_run_dir(world_size: int) -> None:
+    """On ranks other than 0: wait until rank 0 has claimed the run dir; a ConfigError if it could not."""
+    if world_size > 1 and not _tell_ranks(claimed=True):
+        raise ConfigError("rank 0 could not take train.run_dir (its error says why)")
+
+
+def _tell_ranks(claimed: bool) -> bool:
+    """Rank 0's claimed, on every rank."""
+    flag = [claimed]
+    dist.broadcast_object_list(flag, src=0)
+    return flag[0]
+
+
+def _claim_run_dir(run_dir: Path, resume_step: int | None):
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +217,7 @@ def check_run_dir(run_dir: Path, resume_step: int | None) -> None:
     if later:
         what = "already holds a run" if resume_step is None else f"holds checkpoints after step {resume_step}"
         raise ConfigError(f"train.run_dir = {run_dir} {what} ({', '.join(later[:3])}); resume it with "
-                          "--resume latest, or set another train.run_dir")
+                          "--resume auto, or set another train.run_dir")
     metrics = run_dir / "metrics.jsonl"
     if resume_step is None and metrics.exists():
         kept = next(run_dir / f"metrics.{n}.jsonl" for n in range(1, 10**6) if not (run_dir / f"metrics.{n}.jsonl").exists())
@@ -193,8 +234,8 @@ class StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.received, self.previous = None, {}
+    def __init__(self, announce: bool = True):
+        self.received, self.previous, self.announce = None, {}, announce  # announce: one rank prints
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
@@ -204,8 +245,9 @@ class StopSignals:
     def handle(self, signum, frame):
         self.received = signum
         self.restore()
-        print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        if self.announce:
+            print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
 
     def restore(self):
         for sig, handler in self.previous.items():

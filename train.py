@@ -1,31 +1,19 @@
 """Train a GPT with Muon (+ AdamW for embeddings, head and gains) and MuonClip, on CPU, one GPU or many.
 
-    python train.py --config configs/demo.toml                       # small model, CPU, minutes, no download
-    python train.py --config configs/gpu.toml                        # 124M MLA on one GPU
-    torchrun --standalone --nproc_per_node=8 train.py --config configs/speedrun.toml   # to val loss 3.28
-    # several nodes: run this on every node, HOST being the first node's address
+    python train.py --config configs/demo.toml --resume auto         # small model, CPU, minutes, no download
+    python train.py --config configs/gpu.toml --resume auto          # 124M MLA on one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --config configs/speedrun.toml --resume auto
+    # several nodes: on every node, HOST the first node's address, train.run_dir on a shared filesystem
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --config configs/speedrun.toml
+    python train.py --config configs/gpu.toml --optim.lr=0.03 --schedule.steps 2000   # any key, typed
 
-Any config key can be set on the command line, after or instead of the TOML value:
-
-    python train.py --config configs/gpu.toml --optim.lr=0.03 --schedule.steps 2000 --train.compile=false
-    python train.py --config configs/gpu.toml --log.prompts '["Once upon a time", "The capital of France is"]'
-
-Values are parsed to the key's type (bool: true/false, lists as TOML arrays); an unknown key or a
-wrong type stops the run before any work, naming the key and listing the valid ones.
-
-Resume (the same loss curve as an uninterrupted run):
-
-    python train.py --config configs/gpu.toml --resume latest        # newest checkpoint in train.run_dir
-    python train.py --resume runs/gpu/ckpt_001000.pt                 # config saved in the checkpoint
-    python train.py --resume runs/gpu/ckpt_001000.pt --schedule.steps 4000   # ... with a change
-
-Everything a run writes goes to train.run_dir: ckpt_NNNNNN.pt (model, optimizer, step, loader
-position, RNG states, config), metrics.jsonl (every logged scalar, one JSON object per line; after
-a resume, keep the last row of a step) and wandb/ (log.wandb = "auto": online when logged in, else
-offline; "disabled" turns it off; W&B failures never stop training). Only rank 0 prints and
-writes. Under torchrun every rank runs this file; gradient accumulation keeps train.batch_tokens
-per optimizer step whatever the number of ranks.
+--resume auto continues from the newest good checkpoint in train.run_dir, or starts the run if
+there is none, and exits at once if the run has finished: a job requeued or restarted with the
+same command (SLURM --requeue, torchrun --max-restarts) picks up where it stopped. --resume latest
+insists on a checkpoint; --resume PATH takes one and its saved config. A resumed run repeats the
+uninterrupted run's losses bit for bit. Everything a run writes goes to train.run_dir, from rank 0
+only (checkpoint.py, runlog.py). Under torchrun every rank runs this file; gradient accumulation
+keeps train.batch_tokens per optimizer step whatever the number of ranks.
 """
 
 import copy
@@ -45,8 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import muon
-from checkpoint import (Checkpoints, NonFiniteLoss, RunError, StopSignals, checkpoints, claim_run_dir,  # noqa: F401
-                        read_checkpoint, release_run_dir, rng_state, set_rng_state)
+from checkpoint import (Checkpoints, NonFiniteLoss, RunError, StopSignals, claim_run_dir,  # noqa: F401
+                        newest_readable_checkpoint, read_checkpoint, release_run_dir, rng_state, set_rng_state,
+                        wait_for_run_dir)
 from config import (Config, ConfigError, ScheduleConfig, build_config, config_help, gpt_config,  # noqa: F401
                     read_toml, split_argv, validate, validate_tokenizer_keys)
 from data.demo import ensure_demo_shards
@@ -64,7 +53,7 @@ def load_run_config(argv: list[str]) -> tuple[Config, Path | None]:
     resume = flags.get("resume")
     if "config" in flags:
         cfg = build_config(read_toml(flags["config"]), flags["config"], overrides)
-    elif resume and resume != "latest":
+    elif resume and resume not in RESUME_MODES:
         cfg = build_config(read_checkpoint(Path(resume))["config"], f"{resume} (its saved config)", overrides)
     elif "help" in flags:
         cfg = build_config({}, "the defaults", overrides)
@@ -73,14 +62,20 @@ def load_run_config(argv: list[str]) -> tuple[Config, Path | None]:
     if "help" in flags:
         print(__doc__ + "\n" + config_help(cfg))
         sys.exit(0)
-    if resume == "latest":
-        found = checkpoints(Path(cfg.train.run_dir))
-        if not found:
-            raise ConfigError(f"--resume latest: no checkpoint (ckpt_*.pt) in train.run_dir = {cfg.train.run_dir}; "
-                              "the same command without --resume starts the run over (a metrics.jsonl left "
-                              "there is kept aside, not overwritten)")
-        return cfg, found[-1][1]
-    return cfg, Path(resume) if resume else None
+    if resume not in RESUME_MODES:
+        return cfg, Path(resume) if resume else None
+    found, skipped = newest_readable_checkpoint(Path(cfg.train.run_dir))
+    if int(os.environ.get("RANK", 0)) == 0:
+        for line in skipped:
+            print(line, file=sys.stderr)
+    if found is None and resume == "latest":
+        raise ConfigError(f"--resume latest: no readable checkpoint (ckpt_*.pt) in train.run_dir = {cfg.train.run_dir}; "
+                          "--resume auto starts the run when there is none (a metrics.jsonl left there is kept "
+                          "aside, not overwritten)")
+    return cfg, found
+
+
+RESUME_MODES = ("auto", "latest")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,9 +90,25 @@ def setup_device(world_size: int, timeout_s: int) -> torch.device:
         torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left under bf16 autocast
     if world_size > 1:
         # A rank that hangs (a dead node, a stuck collective) fails the job after timeout_s, not torch's 10-30 min.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                store=restart_store(world_size, timeout), rank=int(os.environ["RANK"]),
+                                world_size=world_size, device_id=device if device.type == "cuda" else None)
     return device
+
+
+def restart_store(world_size: int, timeout: datetime.timedelta):
+    """The process group's store under torchrun, with keys of their own for each restart of the
+    group. torchrun's rendezvous store outlives a worker group it restarts, and with it the dead
+    group's addresses: a new rank that reads a dead peer's address before its successor has
+    written over it cannot connect ("connectFullMesh failed"). None outside torchrun."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return None
+    hosts = os.environ["RANK"] == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=hosts,
+                          timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"train.py/restart_{restart}", store)
 
 
 def load_tokenizer(cfg: Config):
@@ -318,14 +329,19 @@ def main(argv: list[str]) -> int:
     tokenizer = load_tokenizer(cfg)
     grad_accum = validate(cfg, world_size, tokenizer.n_vocab)
     checkpoint = read_checkpoint(resume_path) if resume_path else None
-    # Rank 0 alone writes: it takes the run dir (lock, checks, clean-up) before any data or model is built.
-    run_dir = Path(cfg.train.run_dir)
-    run_dir_lock = claim_run_dir(run_dir, checkpoint["step"] if checkpoint else None) if rank == 0 else None
+    if checkpoint and checkpoint["step"] >= cfg.schedule.steps:
+        if rank == 0:
+            print(f"{resume_path} is step {checkpoint['step']} of schedule.steps = {cfg.schedule.steps}: the run "
+                  "has finished, nothing to do (raise schedule.steps to train on)")
+        return 0
+    # Every rank joins the group before rank 0's disk work, so a group torchrun restarts meets in time.
     device = setup_device(world_size, cfg.train.dist_timeout_s)
-    refused = False
-    exit_code = 1
+    run_dir_lock, refused, exit_code = None, False, 1
     try:
-        with StopSignals() as signals:
+        # Rank 0 alone writes: it takes the run dir (lock, checks, clean-up) before any data or model is built.
+        run_dir_lock = claim_run_dir(Path(cfg.train.run_dir), checkpoint["step"] if checkpoint else None,
+                                     agree=world_size > 1) if rank == 0 else wait_for_run_dir(world_size)
+        with StopSignals(announce=rank == 0) as signals:
             run = start_run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size, signals)
             try:
                 exit_code = train_loop(run)
@@ -363,7 +379,10 @@ def start_run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank,
             optimizer.load_state_dict(checkpoint["optimizer"])
             train_loader.load_state_dict(checkpoint["loader"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"--resume {resume_path} does not fit this config's model, optimizer or data: {e}") from None
+            changed = [f"model.{key}: checkpoint {before!r}, config {after!r}" for key, (before, after)
+                       in zip_flat(checkpoint["config"]["model"], asdict(cfg.model)) if before != after]
+            what = "; ".join(changed) or str(e).strip().splitlines()[0]
+            raise ConfigError(f"--resume {resume_path} does not fit this config's model, optimizer or data: {what}") from None
         for group, values in zip(optimizer.param_groups, config_groups):
             group.update(values)  # the config sets hyperparameters; the checkpoint brings the state
         set_rng_state(checkpoint["rng"], device)
@@ -604,8 +623,10 @@ def zip_flat(a: dict, b: dict, prefix: str = ""):
 
 def resume_command(checkpoint: Path, world_size: int) -> str:
     """The command line that resumes this run from checkpoint (which holds its config)."""
-    launcher = "python" if world_size == 1 else f"torchrun --nproc_per_node={world_size}"
-    return f"{launcher} train.py --resume {shlex.quote(str(checkpoint))}"
+    if world_size == 1:
+        return f"python train.py --resume {shlex.quote(str(checkpoint))}"
+    # A worker cannot see torchrun's own flags (--nnodes, rendezvous): the user reuses them.
+    return f"the same torchrun launch, with train.py --resume {shlex.quote(str(checkpoint))} (or --resume auto)"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,7 +168,9 @@ def first_tokens(files, count, pattern, multiple=1):
     if have < count:
         fits = (have - 1) // multiple * multiple  # the most val tokens these shards can give
         hint = (f"; set data.val_tokens to at most {fits} (a multiple of {multiple})" if fits > 0
-                else f"; they need at least {multiple + 1} tokens for one validation batch")
+                else f"; they need at least {multiple + 1} tokens for one validation batch of "
+                     f"{multiple} (world size x train.micro_batch_size x data.seq_len): lower train.micro_batch_size "
+                     f"or data.seq_len, or give the val set more text")
         raise ValueError(f"val shards matching {pattern} hold {have} tokens, fewer than the {count} needed "
                          f"({count - 1} val tokens + 1 for the last target){hint}")
     return np.concatenate(parts)

@@ -366,3 +366,43 @@ def test_the_readme_path_from_data_prepare_to_training(tmp_path, capsys):
     train.main(command + ["--data.val_tokens", fits])
     vals = [r["val/loss"] for r in metrics(tmp_path / "runs" / "mytext") if "val/loss" in r]
     assert len(vals) == 3 and vals[-1] < vals[0] - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# One command that starts, resumes or does nothing: --resume auto
+
+
+def test_resume_auto_starts_resumes_and_stops_at_a_finished_run(tiny_data, tmp_path, capsys):
+    """The command a requeued job repeats: a fresh run the first time, a resume from the newest
+    checkpoint after an interruption, nothing once the run is done; the losses are the
+    uninterrupted run's."""
+    config = tiny_config(tmp_path, tiny_data)
+    train.main(["--config", config, "--train.run_dir", str(tmp_path / "straight")])
+    command = ["--config", config, "--resume", "auto"]
+    assert train.main(command + ["--schedule.steps=6", "--train.checkpoint_every=3"]) == 0
+    run_dir = tmp_path / "run"
+    (run_dir / "ckpt_000006.pt").unlink()  # interrupted after step 3's checkpoint
+    assert train.main(command) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert train_losses(run_dir) == train_losses(tmp_path / "straight")
+    assert train.main(command) == 0
+    assert "ckpt_000006.pt is step 6 of schedule.steps = 6: the run has finished" in capsys.readouterr().out
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped_for_the_one_before(tiny_data, tmp_path, capsys):
+    config = tiny_config(tmp_path, tiny_data)
+    train.main(["--config", config])
+    run_dir = tmp_path / "run"
+    newest = run_dir / "ckpt_000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
+    cfg, path = train.load_run_config(["--config", config, "--resume", "latest"])
+    assert path == run_dir / "ckpt_000003.pt"
+    assert re.search(r"skipping ckpt_000006.pt \(step 6\): not a readable checkpoint", capsys.readouterr().err)
+    for name in ("ckpt_000003.pt", "ckpt_000006.pt"):
+        (run_dir / name).write_bytes(b"garbage")
+    with pytest.raises(train.ConfigError, match="--resume latest: no readable checkpoint"):
+        train.load_run_config(["--config", config, "--resume", "latest"])
+    _, path = train.load_run_config(["--config", config, "--resume", "auto"])
+    assert path is None  # auto would start over, and the run dir's check refuses to write over them
+    with pytest.raises(train.ConfigError, match=r"already holds a run"):
+        train.main(["--config", config, "--resume", "auto"])
