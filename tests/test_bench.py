@@ -9,8 +9,11 @@ import pytest
 import torch
 
 import data.demo
-from bench import communication, memory, muon_vs_adamw, muonclip, peer, spectrum, toy_power20, train_throughput
+import train
+from bench import (communication, memory, muon_vs_adamw, muonclip, peer, singular_values, spectrum, toy_power20,
+                   train_throughput)
 from data.demo import ensure_demo_shards
+from tests.test_train import metrics, tiny_config, tiny_data  # noqa: F401
 
 
 def last_line(capsys) -> str:
@@ -144,3 +147,27 @@ def test_train_throughput_times_the_demo_step_in_each_probe_mode(capsys):
     assert [label for label, *_ in results] == ["probe off", "probe on", "probe + MuonClip"]
     assert all(ms > 0 and tokens_per_s > 0 for _, ms, tokens_per_s, _ in results)
     assert last_line(capsys).startswith("probe + MuonClip")
+
+
+def test_singular_values_edits_every_matrix_and_flattening_is_orthogonalising(tiny_data, tmp_path, capsys):  # noqa: F811
+    for name, optimizer in (("muon", "muon"), ("adamw", "adamw")):
+        train.main(["--config", tiny_config(tmp_path, tiny_data, name), "--optim.optimizer", optimizer])
+    result = singular_values.main(["--muon", str(tmp_path / "muon" / "ckpt_000006.pt"), "--adamw",
+                                   str(tmp_path / "adamw" / "ckpt_000006.pt"), "--k", "2", "--tokens", "4",
+                                   "--out", str(tmp_path / "sv.png")])
+    assert_png(tmp_path / "sv.png")
+    losses = {label: loss for label, loss, _ in result["results"]}
+    assert losses["trained weights"] == pytest.approx(train_losses_at_end(tmp_path / "muon"), rel=1e-6)
+    assert all(math.isfinite(loss) for loss in losses.values()) and len(losses) == 7
+    assert {name for _, name in result["stats"]} == {"Muon", "AdamW"}
+    assert last_line(capsys).startswith("| flat (U V^T, same norm) | ")
+    # The flat edit is the polar factor: every singular value equal, the Frobenius norm kept.
+    weight = torch.randn(6, 10, dtype=torch.float64)
+    flat = singular_values.edited(weight, "flat", 2, 1.0)
+    s = torch.linalg.svdvals(flat)
+    assert torch.allclose(s, s[0].expand_as(s)) and torch.isclose(flat.norm(), weight.norm())
+
+
+def train_losses_at_end(run_dir) -> float:
+    """The run's last val loss: the trained weights' val loss, on the same val tokens."""
+    return [row["val/loss"] for row in metrics(run_dir) if "val/loss" in row][-1]
