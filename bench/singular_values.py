@@ -79,6 +79,7 @@ def greedy(model: GPT, tokenizer, prompt: str, tokens: int) -> str:
     return tokenizer.decode(model.generate(idx, tokens, greedy=True)[len(idx):].tolist())
 
 
+@torch.no_grad()
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--muon", default="runs/demo/ckpt_000600.pt", help="a checkpoint trained with Muon")
@@ -89,7 +90,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokens", type=int, default=40, help="tokens of each greedy completion")
     parser.add_argument("--out", default="bench/results/singular_values.png")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
 
     models = {name: load(path, args.data_dir) for name, path in (("Muon", args.muon), ("AdamW", args.adamw))}
     spectra, stats = {}, defaultdict(list)
