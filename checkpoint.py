@@ -245,9 +245,14 @@ class StopSignals:
     def handle(self, signum, frame):
         self.received = signum
         self.restore()
-        if self.announce:
-            print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+        if not self.announce:
+            return
+        # torchrun also sends SIGTERM to the survivors when one worker fails: their step cannot
+        # finish then, and the group restarts (--max-restarts) from the last checkpoint.
+        under_torchrun = signum == signal.SIGTERM and "TORCHELASTIC_RUN_ID" in os.environ
+        print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+              + (" (or, if torchrun sent it because a worker failed, restarting from the last one)" if under_torchrun
+                 else " (send it again to stop at once)"), file=sys.stderr, flush=True)
 
     def restore(self):
         for sig, handler in self.previous.items():

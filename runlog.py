@@ -11,6 +11,9 @@ W&B settings: a log.wandb_* key left "" (or []) leaves the choice to wandb's env
 (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_NOTES); the project
 then defaults to "muon-speedrun" and the name to the run dir's. A missing wandb package or a
 failed wandb.init is a warning: W&B trouble changes what is logged, never the training.
+
+It also measures what some rows hold: the max logits per layer and head, and with
+log.spectrum_every the spectra of the optimizer's first moment and of Muon's orthogonalised update.
 """
 
 import inspect
@@ -20,6 +23,8 @@ import os
 from pathlib import Path
 
 import torch
+
+import muon
 
 DEFAULT_PROJECT = "muon-speedrun"
 COMPLETION_COLUMNS = ["step", "prompt", "mode", "completion"]
@@ -97,6 +102,60 @@ class RunLog:
     def finish(self, exit_code: int) -> None:
         if self.wandb_run:
             self.wandb_run.finish(exit_code=exit_code)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the log lines hold, measured
+
+
+def attention_metrics(max_logits: torch.Tensor, clipped: torch.Tensor | None) -> dict:
+    """The largest attention logit overall, per layer and per head, and how many heads MuonClip clipped."""
+    per_head = max_logits.tolist()
+    per_layer = [max(heads) for heads in per_head]
+    row = {"attn/max_logit": max(per_layer), **{f"attn/max_logit/layer_{i}": v for i, v in enumerate(per_layer)},
+           **{f"attn/max_logit/layer_{i}/head_{h}": v for i, heads in enumerate(per_head) for h, v in enumerate(heads)}}
+    if clipped is not None:  # summed over the interval's steps
+        row["attn/clipped_heads"] = int(clipped)
+    return row
+
+
+def spectrum(matrix: torch.Tensor, top: int = 3) -> tuple[float, float]:
+    """(stable rank ||M||_F^2 / ||M||_2^2, share of ||M||_F^2 in the `top` largest singular values).
+    The stable rank is 1 for a rank-one matrix and min(A, B) for an orthogonal one."""
+    energy = torch.linalg.svdvals(matrix.float()).square()
+    return (energy.sum() / energy[0]).item(), (energy[:top].sum() / energy.sum()).item()
+
+
+def spectrum_names(raw_model) -> list[str]:
+    """The hidden matrices of a block, as log.spectrum_matrices names them ("attn.wo", "mlp.fc", ...)."""
+    return [name.removesuffix(".weight") for name, p in raw_model.blocks[0].named_parameters() if p.ndim == 2]
+
+
+def spectrum_metrics(raw_model, optimizer: muon.Muon, names: list[str]) -> dict:
+    """For the named matrices of every block: the stable rank and top-3 energy share of the
+    optimizer's first moment (Muon's momentum buffer; AdamW's exp_avg for the baseline) and, under
+    Muon, the stable rank of the orthogonalised momentum NS(M), what Muon steps along."""
+    groups = {p: group for group in optimizer.param_groups for p in group["params"]}
+    row = {}
+    for i, block in enumerate(raw_model.blocks):
+        for name in names:
+            p = block.get_parameter(f"{name}.weight")
+            state = optimizer.state.get(p, {})
+            moment = state.get("momentum_buffer", state.get("exp_avg"))
+            if moment is None or not moment.any():  # no gradient yet (zero-initialised neighbours)
+                continue
+            key = f"spectrum/layer_{i}/{name}"
+            row[f"{key}/moment_stable_rank"], row[f"{key}/moment_top3_energy"] = spectrum(moment)
+            group = groups[p]
+            if group["use_muon"]:
+                update = muon.newton_schulz(moment, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
+                row[f"{key}/update_stable_rank"] = spectrum(update)[0]
+    return row
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def wandb_module():

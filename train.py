@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import muon
-from checkpoint import (Checkpoints, NonFiniteLoss, RunError, StopSignals, claim_run_dir,  # noqa: F401
+from checkpoint import (Checkpoints, RunError, StopSignals, claim_run_dir,
                         newest_readable_checkpoint, read_checkpoint, release_run_dir, rng_state, set_rng_state,
                         wait_for_run_dir)
 from config import (Config, ConfigError, ScheduleConfig, build_config, config_help, gpt_config,  # noqa: F401
@@ -43,7 +43,7 @@ from data.loader import TrainLoader, ValLoader
 from data.shard import read_shard
 from data.tokenizer import TokenizerDownloadError, get_tokenizer
 from model import GPT
-from runlog import RunLog
+from runlog import RunLog, attention_metrics, duration, spectrum_metrics, spectrum_names
 
 
 def load_run_config(argv: list[str]) -> tuple[Config, Path | None]:
@@ -650,56 +650,6 @@ def first_non_finite(losses: list[float], grad_norm: float, max_logits: torch.Te
         except ValueError as e:
             return None, f"steps {first_step}..{step}: {e}"
     return None, ""
-
-
-def attention_metrics(max_logits: torch.Tensor, clipped: torch.Tensor | None) -> dict:
-    """The largest attention logit overall, per layer and per head, and how many heads MuonClip clipped."""
-    per_head = max_logits.tolist()
-    per_layer = [max(heads) for heads in per_head]
-    row = {"attn/max_logit": max(per_layer), **{f"attn/max_logit/layer_{i}": v for i, v in enumerate(per_layer)},
-           **{f"attn/max_logit/layer_{i}/head_{h}": v for i, heads in enumerate(per_head) for h, v in enumerate(heads)}}
-    if clipped is not None:  # summed over the interval's steps
-        row["attn/clipped_heads"] = int(clipped)
-    return row
-
-
-def spectrum(matrix: torch.Tensor, top: int = 3) -> tuple[float, float]:
-    """(stable rank ||M||_F^2 / ||M||_2^2, share of ||M||_F^2 in the `top` largest singular values).
-    The stable rank is 1 for a rank-one matrix and min(A, B) for an orthogonal one."""
-    energy = torch.linalg.svdvals(matrix.float()).square()
-    return (energy.sum() / energy[0]).item(), (energy[:top].sum() / energy.sum()).item()
-
-
-def spectrum_names(raw_model: GPT) -> list[str]:
-    """The hidden matrices of a block, as log.spectrum_matrices names them ("attn.wo", "mlp.fc", ...)."""
-    return [name.removesuffix(".weight") for name, p in raw_model.blocks[0].named_parameters() if p.ndim == 2]
-
-
-def spectrum_metrics(raw_model: GPT, optimizer: muon.Muon, names: list[str]) -> dict:
-    """For the named matrices of every block: the stable rank and top-3 energy share of the
-    optimizer's first moment (Muon's momentum buffer; AdamW's exp_avg for the baseline) and, under
-    Muon, the stable rank of the orthogonalised momentum NS(M), what Muon steps along."""
-    groups = {p: group for group in optimizer.param_groups for p in group["params"]}
-    row = {}
-    for i, block in enumerate(raw_model.blocks):
-        for name in names:
-            p = block.get_parameter(f"{name}.weight")
-            state = optimizer.state.get(p, {})
-            moment = state.get("momentum_buffer", state.get("exp_avg"))
-            if moment is None or not moment.any():  # no gradient yet (zero-initialised neighbours)
-                continue
-            key = f"spectrum/layer_{i}/{name}"
-            row[f"{key}/moment_stable_rank"], row[f"{key}/moment_top3_energy"] = spectrum(moment)
-            group = groups[p]
-            if group["use_muon"]:
-                update = muon.newton_schulz(moment, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
-                row[f"{key}/update_stable_rank"] = spectrum(update)[0]
-    return row
-
-
-def duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 class TrainClock:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import muon
+import runlog
 import train
 from bench.figure import plt, save
 from bench.muon_vs_adamw import device_name, train_run
@@ -56,11 +57,11 @@ def recorder(every: int, rows: list):
                 if p.ndim != 2 or moment is None or not moment.any():  # gains; no gradient yet
                     continue
                 kind = name.split(".")[-2]  # blocks.3.attn.wkv_b.weight -> wkv_b
-                rank, top3 = train.spectrum(moment)
+                rank, top3 = runlog.spectrum(moment)
                 row = dict(step=step + 1, kind=kind, shape=tuple(p.shape), moment_rank=rank, moment_top3=top3)
                 if group["use_muon"]:
                     ns = muon.newton_schulz(moment, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
-                    row["update_rank"] = train.spectrum(ns)[0]
+                    row["update_rank"] = runlog.spectrum(ns)[0]
                 rows.append(row)
     return record
 

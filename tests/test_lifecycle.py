@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import checkpoint
 import config
 import train
 from data import fineweb, prepare
@@ -127,7 +128,7 @@ def test_a_signal_stops_at_a_checkpoint_that_resumes_exactly(tiny_data, tmp_path
 
 def test_stop_signals_restore_the_previous_handlers_after_the_first():
     previous = signal.getsignal(signal.SIGINT)
-    with train.StopSignals() as signals:
+    with checkpoint.StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received == signal.SIGINT
         assert signal.getsignal(signal.SIGINT) is previous  # a second Ctrl-C acts at once

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import muon
+import checkpoint
+import runlog
 import train
 from data.demo import ensure_demo_shards
 from data.shard import write_shard
@@ -307,7 +309,7 @@ def test_a_checkpoint_of_a_diverging_update_is_never_called_good(tiny_data, tmp_
     monkeypatch.setattr(train, "lr_factor", lambda step, s: 1e36 if step == 2 else factor(step, s))
     # No validation before the end: the training losses are the first to see the update.
     config = tiny_config(tmp_path, tiny_data, "diverge", train__checkpoint_every=1, log__val_every=0, log__sample_every=0)
-    with pytest.raises(train.NonFiniteLoss) as error:
+    with pytest.raises(checkpoint.NonFiniteLoss) as error:
         train.main(["--config", config])
     run_dir = tmp_path / "diverge"
     message = str(error.value)
@@ -330,7 +332,7 @@ def test_a_checkpoint_of_a_diverging_update_is_never_called_good(tiny_data, tmp_
     # Validating every step finds bad weights at the step that made them, before they are saved.
     monkeypatch.setattr(train, "lr_factor", lambda step, s: 1e36 if step == 2 else factor(step, s))
     config = tiny_config(tmp_path, tiny_data, "validated", train__checkpoint_every=1, log__val_every=1)
-    with pytest.raises(train.NonFiniteLoss) as error:
+    with pytest.raises(checkpoint.NonFiniteLoss) as error:
         train.main(["--config", config])
     match = re.match(r"step (\d+): (val loss|training loss|gradient norm) is (nan|inf).*; stopped without saving this state; the last "
                      r"good checkpoint is .*ckpt_(\d+).pt \(step \d+\)", str(error.value))
@@ -343,7 +345,7 @@ def test_a_checkpoint_of_a_diverging_update_is_never_called_good(tiny_data, tmp_
 def test_a_diverging_first_update_leaves_no_good_checkpoint(tiny_data, tmp_path):
     # An absurd head lr: after one step the logits overflow float32 and the loss is nan.
     config = tiny_config(tmp_path, tiny_data, "diverge", optim__head_lr="1e38", train__checkpoint_every=1)
-    with pytest.raises(train.NonFiniteLoss, match=r"^step 2: training loss is (nan|inf); .*no checkpoint is known "
+    with pytest.raises(checkpoint.NonFiniteLoss, match=r"^step 2: training loss is (nan|inf); .*no checkpoint is known "
                                                   r"to be good; ckpt_000001.pt \(step 1\) holds the update"):
         train.main(["--config", config])
 
@@ -500,11 +502,11 @@ def test_spectrum_is_the_stable_rank_of_the_singular_values():
     v, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
     singular = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
     matrix = u[:, :8] @ torch.diag(singular) @ v.T
-    stable_rank, top3 = train.spectrum(matrix)
+    stable_rank, top3 = runlog.spectrum(matrix)
     energy = singular.square()
     assert stable_rank == pytest.approx((energy.sum() / 16).item(), rel=1e-6)  # 22.25 / 16
     assert top3 == pytest.approx((21 / energy.sum()).item(), rel=1e-6)
-    assert train.spectrum(u[:, :8])[0] == pytest.approx(8.0, rel=1e-6)  # orthonormal columns: full
+    assert runlog.spectrum(u[:, :8])[0] == pytest.approx(8.0, rel=1e-6)  # orthonormal columns: full
 
 
 def test_log_spectrum_every_logs_momentum_and_update_stable_ranks(tiny_data, tmp_path):
