@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+import sample
 import train
 from bench.figure import plt, save
-from checkpoint import read_checkpoint
 from data.demo import ensure_demo_shards
 from data.loader import ValLoader
 from model import GPT
@@ -35,19 +35,15 @@ from model import GPT
 
 def load(path: str, data_dir: str | None):
     """(model, tokenizer, val loader, cfg) of a train.py checkpoint, on the CPU, in fp32."""
-    checkpoint = read_checkpoint(Path(path), flag="--muon/--adamw")
-    overrides = [("data.dir", data_dir)] if data_dir else []
-    cfg = train.build_config(checkpoint["config"], path, overrides)
-    tokenizer = train.load_tokenizer(cfg)
-    model = GPT(train.gpt_config(cfg, tokenizer.n_vocab))
-    model.load_state_dict(checkpoint["model"])
+    model, tokenizer, cfg = sample.load_model(Path(path), torch.device("cpu"))
     d = cfg.data
+    d.dir = data_dir or d.dir
     if d.demo:
         ensure_demo_shards(d.dir)
     val = ValLoader(Path(d.dir) / d.val_files, d.val_tokens, cfg.train.micro_batch_size, d.seq_len, 0, 1,
                     torch.device("cpu"))
     cfg.train.bf16 = False
-    return model.eval(), tokenizer, val, cfg
+    return model, tokenizer, val, cfg
 
 
 def edited(weight: torch.Tensor, edit: str, k: int, factor: float) -> torch.Tensor:
