@@ -60,9 +60,16 @@ class OptimConfig:
     adamw_beta1: float = 0.8
     adamw_beta2: float = 0.95
     adamw_eps: float = 1e-10
+    normuon: bool = False          # NorMuon: normalise each neuron of Muon's update by its running RMS (muon.normuon_)
+    normuon_beta2: float = 0.95    # NorMuon's second-moment decay
+    normuon_eps: float = 1e-8
+    normuon_axis: str = "rows"     # NorMuon's neurons: "rows" of W (the paper) or the "larger" side (modded-nanogpt)
+    cautious_weight_decay: bool = False  # decay only where update and weight share a sign (Muon and AdamW)
+    per_head: bool = False         # Muon orthogonalises each attention head's block of q, k/v and wo on its own
     grad_clip: float = 0.0         # max global gradient norm; 0 = off (the norm is logged either way)
     muon_clip: bool = True         # MuonClip: after every step, QK-clip each head whose max logit > tau
     muon_clip_tau: float = 100.0
+    muon_clip_alpha: float = 0.5   # a clipped head's q_nope scales by eta^alpha, k_nope by eta^(1 - alpha), q_rope by eta
 
 
 @dataclass
@@ -243,7 +250,10 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
     except ValueError as e:
         raise ConfigError(f"optim.ns_steps: {e}") from None
     require(o.ns_dtype in NS_DTYPES, "optim.ns_dtype", o.ns_dtype, f"one of {NS_DTYPES}")
-    for key in ("momentum", "adamw_beta1", "adamw_beta2"):
+    require(o.normuon_axis in muon.NORMUON_AXES, "optim.normuon_axis", o.normuon_axis, f"one of {muon.NORMUON_AXES}")
+    require(o.normuon_eps > 0, "optim.normuon_eps", o.normuon_eps, "> 0")
+    require(0 <= o.muon_clip_alpha <= 1, "optim.muon_clip_alpha", o.muon_clip_alpha, "in [0, 1]")
+    for key in ("momentum", "normuon_beta2", "adamw_beta1", "adamw_beta2"):
         require(0 <= getattr(o, key) < 1, f"optim.{key}", getattr(o, key), "in [0, 1)")
     require(o.adamw_eps > 0 and o.muon_clip_tau > 0, "optim.adamw_eps / optim.muon_clip_tau",
             (o.adamw_eps, o.muon_clip_tau), "both > 0")

@@ -187,6 +187,14 @@ class MultiHeadLatentAttention(nn.Module):
         q_weight = self.wq.weight if self.q_lora_rank == 0 else self.wq_b.weight
         return muon.AttentionHeads(q_weight, self.wkv_b.weight, self.n_head, self.nope, self.rope, self.v_dim)
 
+    def head_blocks(self) -> dict[str, tuple[int, int]]:
+        """Per weight, its (row, column) blocks of one head each, for Muon's per-head option: the
+        query's rows [q_nope | q_rope] and wkv_b's rows [k_nope | v] by head, wo's columns by head.
+        wq_a and wkv_a (shared by every head, the rope key too) stay whole."""
+        H = self.n_head
+        return {"wq.weight" if self.q_lora_rank == 0 else "wq_b.weight": (H, 1), "wkv_b.weight": (H, 1),
+                "wo.weight": (1, H)}
+
     def new_cache(self, batch: int, length: int, dtype: torch.dtype, device) -> Tensor:
         """Per token only the kv_norm'd latent and the roped shared key: (B, length, kv_lora_rank + rope)."""
         return torch.zeros(batch, length, self.kv_lora_rank + self.rope, dtype=dtype, device=device)
@@ -259,6 +267,11 @@ class MultiHeadAttention(nn.Module):
         # RoPE is linear, so scaling a head's q and k rows by sqrt(gamma) scales its logits by
         # gamma: for MuonClip the whole head counts as "nope".
         return muon.AttentionHeads(self.wq.weight, self.wk.weight, self.n_head, self.head_dim)
+
+    def head_blocks(self) -> dict[str, tuple[int, int]]:
+        """Per weight, its (row, column) blocks of one head each: q, k and v rows, wo columns."""
+        H = self.n_head
+        return {"wq.weight": (H, 1), "wk.weight": (H, 1), "wv.weight": (H, 1), "wo.weight": (1, H)}
 
     def new_cache(self, batch: int, length: int, dtype: torch.dtype, device) -> Tensor:
         """Roped keys and values: (2, B, H, length, head_dim)."""
@@ -387,6 +400,12 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.sdpa_backend = backend
         return backend
+
+    def head_blocks(self) -> dict[str, tuple[int, int]]:
+        """Parameter name -> (row_blocks, column_blocks) of its attention heads, for Muon's blocks
+        option (each head's block orthogonalised as its own matrix); other matrices are absent."""
+        return {f"blocks.{i}.attn.{name}": blocks for i, block in enumerate(self.blocks)
+                for name, blocks in block.attn.head_blocks().items()}
 
     def attention_heads(self) -> list[muon.AttentionHeads]:
         """Each layer's live q/k weights and head layout, for muon.qk_clip_."""

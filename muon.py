@@ -138,30 +138,111 @@ def momentum_(grads: list[Tensor], bufs: list[Tensor], mu, nesterov: bool) -> li
     return torch._foreach_add(grads, torch._foreach_mul(bufs, mu)) if nesterov else bufs
 
 
-def muon_update(grads: list[Tensor], bufs: list[Tensor], mu, nesterov: bool, coefficients: str, ns_steps: int,
-                ns_dtype: torch.dtype) -> Tensor:
-    """Momentum, then Newton-Schulz on all the matrices at once: (N, A, B) in ns_dtype, every matrix
-    orthogonalised on its wide side (A <= B). The matrices must share that wide shape."""
-    directions = momentum_(grads, bufs, mu, nesterov)
-    return newton_schulz(torch.stack([_as_wide(d) for d in directions]), coefficients, ns_steps, dtype=ns_dtype)
+def to_blocks(x: Tensor, blocks: tuple[int, int]) -> Tensor:
+    """x (m, n) cut into a grid of blocks=(r, c): (r c, m / r, n / c), row by row. (H, 1) gives each
+    attention head's rows, (1, H) each head's columns, (1, 1) the whole matrix."""
+    r, c = blocks
+    return x.unflatten(0, (r, -1)).unflatten(2, (c, -1)).transpose(1, 2).flatten(0, 1)
 
 
-def decay_and_step_(params: list[Tensor], orthogonal: list[Tensor], decays, step_sizes) -> None:
-    """W <- decay W - step_size O, in place, for each matrix W and its orthogonalised update O (wide
-    side, as muon_update gives it). decays: None (no weight decay) or one per matrix, 1 - lr wd;
-    step_sizes: one per matrix, lr x lr_multiplier. Numbers or tensors alike."""
-    for i, (p, o) in enumerate(zip(params, orthogonal)):
-        o = o.mT if p.size(0) > p.size(1) else o
+def from_blocks(x: Tensor, blocks: tuple[int, int]) -> Tensor:
+    """The matrix that to_blocks(matrix, blocks) cut into x."""
+    r, c = blocks
+    return x.unflatten(0, (r, c)).transpose(1, 2).flatten(2, 3).flatten(0, 1)
+
+
+def block_shape(shape: tuple[int, int], blocks: tuple[int, int]) -> tuple[int, int]:
+    return shape[0] // blocks[0], shape[1] // blocks[1]
+
+
+def orthogonalize(directions: list[Tensor], blocks: list[tuple[int, int]], coefficients: str, ns_steps: int,
+                  ns_dtype: torch.dtype) -> list[Tensor]:
+    """Newton-Schulz on every block of every direction in one batch: each block (its wide side,
+    A <= B) is orthogonalised as its own matrix, so all blocks must share one wide shape. Returns
+    each direction's update in its own shape, in ns_dtype."""
+    pieces = [_as_wide(to_blocks(d, b)) for d, b in zip(directions, blocks)]
+    orthogonal = newton_schulz(torch.cat(pieces), coefficients, ns_steps, dtype=ns_dtype)
+    updates = []
+    for d, b, o in zip(directions, blocks, orthogonal.split([len(p) for p in pieces])):
+        tall = d.size(0) // b[0] > d.size(1) // b[1]
+        updates.append(from_blocks(o.mT if tall else o, b))
+    return updates
+
+
+def muon_update(grads: list[Tensor], bufs: list[Tensor], mu, nesterov: bool, blocks: list[tuple[int, int]],
+                coefficients: str, ns_steps: int, ns_dtype: torch.dtype) -> list[Tensor]:
+    """Momentum, then Newton-Schulz of each matrix's blocks (orthogonalize)."""
+    return orthogonalize(momentum_(grads, bufs, mu, nesterov), blocks, coefficients, ns_steps, ns_dtype)
+
+
+def orthogonal_norm(shape: tuple[int, int], blocks: tuple[int, int]) -> float:
+    """The Frobenius norm of an exactly orthogonal update cut in these blocks: sqrt(blocks x min side)."""
+    return math.sqrt(blocks[0] * blocks[1] * min(block_shape(shape, blocks)))
+
+
+def normuon_(updates: list[Tensor], second_moments: list[Tensor], beta2, eps: float,
+             norms: list[float]) -> list[Tensor]:
+    """NorMuon (Li et al., arXiv 2510.05491): normalise each neuron of each orthogonalised update by
+    the root of its running mean square, then restore the update's size.
+
+        v <- beta2 v + (1 - beta2) mean_j O_ij^2     (in place: second_moments, fp32)
+        O_hat = O / (sqrt(v) + eps)                   (v broadcast along each neuron)
+        O_hat <- O_hat * norm / ||O_hat||_F
+
+    A neuron is a row of W (the paper: W's output neurons) when v has W's row count, else a column
+    (normuon_axis="larger" on a wide W: the larger side, as modded-nanogpt and nanochat do).
+    norm is the Frobenius norm of an orthogonal update (orthogonal_norm), so lr_multiplier then
+    sizes the step exactly as it does for Muon; with "match_rms_adamw" this is the paper's
+    0.2 lr sqrt(m n) / ||O_hat||_F. beta2: a number, or one 0-dim tensor per matrix (1 leaves v
+    as it is). A common factor of v cancels in the rescaling, so v needs no bias correction.
+    """
+    beta2s = beta2 if isinstance(beta2, list) else [beta2] * len(updates)
+    normalized = []
+    for o, v, b2, norm in zip(updates, second_moments, beta2s, norms):
+        o = o.float()
+        per_row = v.numel() == o.size(0)
+        v.lerp_(o.square().mean(dim=1 if per_row else 0), 1 - b2)
+        scale = v.sqrt() + eps
+        o_hat = o / (scale[:, None] if per_row else scale[None, :])
+        normalized.append(o_hat * (norm / o_hat.norm().clamp_min(eps)))
+    return normalized
+
+
+def decay_and_step_(params: list[Tensor], updates: list[Tensor], decays, step_sizes, cautious: bool = False) -> None:
+    """W <- decay W - step_size U, in place, for each matrix W and its update U (W's shape).
+    decays: None (no weight decay) or one per matrix, 1 - lr wd; step_sizes: one per matrix,
+    lr x lr_multiplier. Numbers or tensors alike. cautious (Chen et al., arXiv 2510.12402): decay
+    only the entries where U and W have the same sign, the ones the update already moves toward 0."""
+    for i, (p, u) in enumerate(zip(params, updates)):
+        u = u.to(p.dtype)
         if decays is not None:
-            p.mul_(decays[i])
-        p.sub_(o.to(p.dtype) * step_sizes[i])
+            p.mul_(torch.where(u * p >= 0, decays[i], 1.0) if cautious else decays[i])
+        p.sub_(u * step_sizes[i])
 
 
-def _bucket_step_(params, grads, bufs, mu, decays, step_sizes, nesterov, coefficients, ns_steps, ns_dtype):
-    """One process's whole Muon step for a bucket of same-shape matrices: what compile=True runs as
-    one graph."""
-    orthogonal = muon_update(grads, bufs, mu, nesterov, coefficients, ns_steps, ns_dtype)
-    decay_and_step_(params, orthogonal, decays, step_sizes)
+def _bucket_step_(params, grads, bufs, mu, decays, step_sizes, blocks, normuon, cautious, nesterov, coefficients,
+                  ns_steps, ns_dtype):
+    """One process's whole Muon step for a bucket of matrices whose blocks share one shape: what
+    compile=True runs as one graph. normuon: None, or (second_moments, beta2, eps)."""
+    updates = muon_update(grads, bufs, mu, nesterov, blocks, coefficients, ns_steps, ns_dtype)
+    if normuon is not None:
+        second_moments, beta2, eps = normuon
+        norms = [orthogonal_norm(p.shape, b) for p, b in zip(params, blocks)]
+        updates = normuon_(updates, second_moments, beta2, eps, norms)
+    decay_and_step_(params, updates, decays, step_sizes, cautious)
+
+
+def adamw_cautious_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    steps: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """AdamW with cautious weight decay: with U = m_hat / (sqrt(v_hat) + eps), as torch's AdamW,
+    W <- W - lr (U + wd 1[U W >= 0] W)."""
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    for p, m, v, t in zip(params, exp_avgs, exp_avg_sqs, steps):
+        u = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+        decay_and_step_([p], [u], [1 - lr * weight_decay] if weight_decay else None, [lr], cautious=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,41 +252,60 @@ def _bucket_step_(params, grads, bufs, mu, decays, step_sizes, nesterov, coeffic
 class Muon(torch.optim.Optimizer):
     """Muon for groups with use_muon=True (the default), AdamW for groups with use_muon=False.
 
-    Every path below runs the same three functions (momentum_, newton_schulz via muon_update,
-    decay_and_step_); they differ only in who computes which matrix's update:
+    Options of the update, each per group and off by default:
 
-    - one process: the matrices of one shape (tall ones transposed to wide) are one bucket, one
-      batched Newton-Schulz. compile=True runs each bucket's whole step as one torch.compile graph
-      (static shapes, fullgraph; lr and momentum enter as tensors, so the schedule never
-      recompiles it).
+    - normuon: NorMuon's per-neuron normalisation of the orthogonalised update (normuon_), with
+      its own normuon_beta2 and normuon_eps; normuon_axis "rows" (the paper: W's rows) or
+      "larger" (modded-nanogpt, nanochat: the larger side's neurons).
+    - cautious_weight_decay: decay only where update and weight share a sign, in Muon and AdamW
+      groups alike (decay_and_step_, adamw_cautious_).
+    - blocks, a group key: one (row_blocks, col_blocks) per parameter, e.g. (n_heads, 1) for a
+      query projection, (1, n_heads) for an attention output: each block is orthogonalised as its
+      own matrix, and its lr_multiplier is the block's. Absent, or (1, 1): the whole matrix.
+
+    Every path below runs the same functions (momentum_, orthogonalize, normuon_, decay_and_step_);
+    they differ only in who computes which matrix's update:
+
+    - one process: the matrices whose blocks share a shape (tall ones transposed to wide) are one
+      bucket, one batched Newton-Schulz. compile=True runs each bucket's whole step as one
+      torch.compile graph (static shapes, fullgraph; lr and momentum enter as tensors, so the
+      schedule never recompiles it).
     - torch.distributed (auto-detected, or distributed=True/False): the Muon gradients are each
       rank's own, so leave the Muon parameters out of DDP. Each matrix has one owner rank
       (plan_owners); a reduce-scatter hands every owner the mean gradient of its matrices, the
-      owner alone keeps their momentum (1/world of Muon's state per rank) and orthogonalises them,
-      and an all-gather of the updates (in ns_dtype) lets every rank apply every update, so all
-      ranks hold the same weights. state_dict() is then a collective: every rank must call it, and
-      each gets the full state. AdamW groups expect gradients already averaged (DDP).
+      owner alone keeps their momentum and NorMuon state (1/world of Muon's state per rank) and
+      computes their updates, and an all-gather of the updates (in ns_dtype) lets every rank apply
+      every update, so all ranks hold the same weights. state_dict() is then a collective: every
+      rank must call it, and each gets the full state. AdamW groups expect gradients already
+      averaged (DDP).
     - DTensor parameters (FSDP2's fully_shard): momentum stays sharded; each update is gathered
-      whole for Newton-Schulz, and each rank keeps its shard's rows.
+      whole for Newton-Schulz, and each rank keeps its shard's rows. NorMuon's vector (one number
+      per neuron) is kept whole on every rank.
     """
 
     def __init__(
         self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
         nesterov: bool = True, ns_steps: int = 5, ns_coefficients: str = "classic",
         lr_rule: str = "match_rms_adamw", betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8, ns_dtype: torch.dtype = torch.bfloat16, compile: bool = False,
-        distributed: bool | None = None,
+        eps: float = 1e-8, ns_dtype: torch.dtype = torch.bfloat16, normuon: bool = False,
+        normuon_beta2: float = 0.95, normuon_eps: float = 1e-8, normuon_axis: str = "rows",
+        cautious_weight_decay: bool = False, compile: bool = False, distributed: bool | None = None,
     ):
         if lr < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr} and weight_decay={weight_decay} must be >= 0")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum={momentum}: expected 0 <= momentum < 1")
+        if not 0 <= normuon_beta2 < 1 or normuon_eps <= 0:
+            raise ValueError(f"normuon_beta2={normuon_beta2}, normuon_eps={normuon_eps}: expected 0 <= beta2 < 1, eps > 0")
+        if normuon_axis not in NORMUON_AXES:
+            raise ValueError(f"normuon_axis={normuon_axis!r}: expected one of {NORMUON_AXES}")
         lr_multiplier(lr_rule, torch.Size((1, 1)))
         ns_schedule(ns_coefficients, ns_steps)
         defaults = dict(
             lr=lr, weight_decay=weight_decay, use_muon=True, momentum=momentum, nesterov=nesterov,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, lr_rule=lr_rule,
-            betas=betas, eps=eps,
+            betas=betas, eps=eps, normuon=normuon, normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
+            normuon_axis=normuon_axis, cautious_weight_decay=cautious_weight_decay,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -238,27 +338,45 @@ class Muon(torch.optim.Optimizer):
                 self._local_step(plain, group)
         return loss
 
-    def _momentum_buffer(self, p: Tensor) -> Tensor:
+    def _state_tensor(self, p: Tensor, key: str, group: dict) -> Tensor:
+        """p's momentum_buffer or second_moment (NorMuon's), zeros on first use."""
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-        return state["momentum_buffer"]
+        if key == "momentum_buffer" and key not in state:
+            state[key] = torch.zeros_like(p, dtype=torch.float32)  # a DTensor p's is sharded as p
+        elif key not in state:
+            state[key] = torch.zeros(_state_shape(key, p, group), dtype=torch.float32, device=p.device)
+        return state[key]
 
     def _ns_args(self, group: dict) -> tuple:
-        return group["nesterov"], group["ns_coefficients"], group["ns_steps"], group["ns_dtype"]
+        return group["ns_coefficients"], group["ns_steps"], group["ns_dtype"]
+
+    def _blocks(self, params: list[Tensor], group: dict) -> list[tuple[int, int]]:
+        return [_blocks_of(group).get(id(p), (1, 1)) for p in params]
 
     def _step_sizes(self, params: list[Tensor], group: dict) -> list[float]:
-        return [group["lr"] * lr_multiplier(group["lr_rule"], p.shape) for p in params]
+        return [group["lr"] * lr_multiplier(group["lr_rule"], block_shape(p.shape, b))
+                for p, b in zip(params, self._blocks(params, group))]
+
+    def _normuon(self, params: list[Tensor], group: dict, beta2=None) -> tuple | None:
+        """normuon_'s inputs (second moments, beta2, eps) for these matrices, or None when off."""
+        if not group["normuon"]:
+            return None
+        seconds = [self._state_tensor(p, "second_moment", group) for p in params]
+        return seconds, group["normuon_beta2"] if beta2 is None else beta2, group["normuon_eps"]
 
     # -- one process ------------------------------------------------------------------------------
 
     def _local_step(self, params: list[Tensor], group: dict) -> None:
-        for bucket in _buckets_by_shape([p for p in params if p.grad is not None]):
-            grads, bufs = [p.grad for p in bucket], [self._momentum_buffer(p) for p in bucket]
+        with_grad = [p for p in params if p.grad is not None]
+        for indices in _buckets_by_block_shape(with_grad, self._blocks(with_grad, group)):
+            bucket = [with_grad[i] for i in indices]
+            grads = [p.grad for p in bucket]
+            bufs = [self._state_tensor(p, "momentum_buffer", group) for p in bucket]
+            blocks, normuon = tuple(self._blocks(bucket, group)), self._normuon(bucket, group)
+            options = (blocks, normuon, group["cautious_weight_decay"], group["nesterov"], *self._ns_args(group))
             if not self.compile:
                 decays = [1 - group["lr"] * group["weight_decay"]] * len(bucket) if group["weight_decay"] else None
-                _bucket_step_(bucket, grads, bufs, group["momentum"], decays, self._step_sizes(bucket, group),
-                              *self._ns_args(group))
+                _bucket_step_(bucket, grads, bufs, group["momentum"], decays, self._step_sizes(bucket, group), *options)
                 continue
             # Persistent 0-dim (and per-matrix) tensors, refilled each step: no host-device copy
             # to wait for, and values are not guarded on, so the schedule never recompiles.
@@ -272,8 +390,7 @@ class Muon(torch.optim.Optimizer):
             scalars["decay"].fill_(1 - group["lr"] * group["weight_decay"])
             scalars["step_sizes"].copy_(torch.tensor(self._step_sizes(bucket, group)), non_blocking=True)
             decays = [scalars["decay"]] * len(bucket) if group["weight_decay"] else None
-            _compiled(_bucket_step_)(bucket, grads, bufs, scalars["mu"], decays, scalars["step_sizes"],
-                                     *self._ns_args(group))
+            _compiled(_bucket_step_)(bucket, grads, bufs, scalars["mu"], decays, scalars["step_sizes"], *options)
 
     # -- many ranks, one owner per matrix ---------------------------------------------------------
 
@@ -296,22 +413,27 @@ class Muon(torch.optim.Optimizer):
         world, segment = plan["world"], plan["segment"]
         mine = plan["owned"][plan["rank"]]
         mean_grads, trained = self._gradients_to_owners(params, plan)
-        # The owner's momentum and Newton-Schulz, batched by shape. The has-gradient flags stay on
-        # the device: a matrix no rank trained keeps its momentum (mu = 1 on a zero gradient) and
-        # gets a zero update and no decay, as one process skips it, with no host sync to find out.
+        # The owner's momentum and Newton-Schulz, batched by block shape. The has-gradient flags
+        # stay on the device: a matrix no rank trained keeps its momentum (mu = 1 on a zero
+        # gradient) and NorMuon state (beta2 = 1), and gets a zero update and no decay, as one
+        # process skips it, with no host sync to find out.
         updates = torch.zeros(segment, device=mean_grads.device, dtype=group["ns_dtype"])
         offsets = [0] + list(itertools.accumulate(params[i].numel() for i in mine))
-        by_shape: dict[tuple, list[int]] = {}
-        for j, i in enumerate(mine):
-            by_shape.setdefault(_wide_shape(params[i]), []).append(j)
+        owned = [params[i] for i in mine]
         update_fn = _compiled(muon_update) if self.compile else muon_update
-        for js in by_shape.values():
-            grads = [mean_grads[offsets[j]:offsets[j + 1]].view(params[mine[j]].shape) for j in js]
+        for js in _buckets_by_block_shape(owned, self._blocks(owned, group)):
+            ps = [owned[j] for j in js]
+            grads = [mean_grads[offsets[j]:offsets[j + 1]].view(owned[j].shape) for j in js]
             mus = [torch.where(trained[j], group["momentum"], 1.0) for j in js]
-            orthogonal = update_fn(grads, [self._momentum_buffer(params[mine[j]]) for j in js], mus,
-                                   *self._ns_args(group))
-            for j, o in zip(js, orthogonal):
-                updates[offsets[j]:offsets[j + 1]] = (o * trained[j]).flatten()
+            bufs = [self._state_tensor(p, "momentum_buffer", group) for p in ps]
+            blocks = self._blocks(ps, group)
+            bucket_updates = update_fn(grads, bufs, mus, group["nesterov"], blocks, *self._ns_args(group))
+            normuon = self._normuon(ps, group, [torch.where(trained[j], group["normuon_beta2"], 1.0) for j in js])
+            if normuon is not None:
+                norms = [orthogonal_norm(p.shape, b) for p, b in zip(ps, blocks)]
+                bucket_updates = normuon_(bucket_updates, *normuon, norms)
+            for j, u in zip(js, bucket_updates):
+                updates[offsets[j]:offsets[j + 1]] = (u * trained[j]).flatten()
         updates[offsets[-1]:offsets[-1] + len(mine)] = trained.to(updates.dtype)
         gathered = torch.empty(world * segment, device=updates.device, dtype=updates.dtype)
         _all_gather_single(gathered, updates)
@@ -323,9 +445,9 @@ class Muon(torch.optim.Optimizer):
             flags = gathered[base + sum(sizes):base + sum(sizes) + len(owned)] > 0
             starts = [base + s for s in itertools.accumulate([0] + sizes)]
             ps = [params[i] for i in owned]
-            orthogonal = [gathered[a:a + p.numel()].view(_wide_shape(p)) for a, p in zip(starts, ps)]
+            received = [gathered[a:a + p.numel()].view(p.shape) for a, p in zip(starts, ps)]
             decays = [torch.where(flag, 1 - lr * wd, 1.0) for flag in flags] if wd else None
-            decay_and_step_(ps, orthogonal, decays, self._step_sizes(ps, group))
+            decay_and_step_(ps, received, decays, self._step_sizes(ps, group), group["cautious_weight_decay"])
 
     def _gradients_to_owners(self, params: list[Tensor], plan: dict) -> tuple[Tensor, Tensor]:
         """Reduce-scatter every rank's gradients to their owners: (this rank's matrices' mean
@@ -347,15 +469,19 @@ class Muon(torch.optim.Optimizer):
         return summed[:used] / world, summed[used:used + len(mine)] > 0
 
     def state_dict(self):
-        """Under owner sharding, a collective: each rank contributes the momentum of its matrices and
+        """Under owner sharding, a collective: each rank contributes the state of its matrices and
         every rank returns the full state, as one process would hold it."""
         if self.distributed:
-            self._gather_momentum()
+            for group in self.param_groups:
+                plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+                if group["use_muon"] and plain:
+                    for key in ("momentum_buffer", "second_moment") if group["normuon"] else ("momentum_buffer",):
+                        self._gather_state(plain, group, key)
         return super().state_dict()
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if self.distributed:  # keep only the momentum of the matrices this rank owns
+        if self.distributed:  # keep only the state of the matrices this rank owns
             for group in self.param_groups:
                 if group["use_muon"]:
                     plain = [p for p in group["params"] if not isinstance(p, DTensor)]
@@ -365,27 +491,25 @@ class Muon(torch.optim.Optimizer):
                             if plan["owner"][i] != plan["rank"]:
                                 self.state.pop(p, None)
 
-    def _gather_momentum(self) -> None:
-        for group in self.param_groups:
-            plain = [p for p in group["params"] if not isinstance(p, DTensor)]
-            if not group["use_muon"] or not plain:
-                continue
-            plan = self._owner_plan(plain, group)
-            device = plain[0].device
-            mine = plan["owned"][plan["rank"]]
-            pieces = [self.state[plain[i]]["momentum_buffer"].flatten() if "momentum_buffer" in self.state.get(plain[i], {})
-                      else torch.full((plain[i].numel(),), float("nan"), device=device) for i in mine]
-            used = sum(plain[i].numel() for i in mine)
-            local = torch.cat(pieces + [torch.zeros(plan["segment"] - used, device=device)])
-            gathered = torch.empty(plan["world"] * plan["segment"], device=device)
-            _all_gather_single(gathered, local)
-            for r, owned in enumerate(plan["owned"]):
-                start = r * plan["segment"]
-                for i in owned:
-                    buf = gathered[start:start + plain[i].numel()].view(plain[i].shape)
-                    start += plain[i].numel()
-                    if not buf.isnan().any():  # nan: the owner has no momentum yet
-                        self.state[plain[i]]["momentum_buffer"] = buf.clone()
+    def _gather_state(self, params: list[Tensor], group: dict, key: str) -> None:
+        """Every rank gets the owners' state[key] of every matrix (all-gather)."""
+        plan = self._owner_plan(params, group)
+        device = params[0].device
+        sizes = [math.prod(_state_shape(key, p, group)) for p in params]
+        mine = plan["owned"][plan["rank"]]
+        pieces = [self.state[params[i]][key].flatten() if key in self.state.get(params[i], {})
+                  else torch.full((sizes[i],), float("nan"), device=device) for i in mine]
+        segment = max(sum(sizes[i] for i in owned) for owned in plan["owned"])
+        local = torch.cat(pieces + [torch.zeros(segment - sum(sizes[i] for i in mine), device=device)])
+        gathered = torch.empty(plan["world"] * segment, device=device)
+        _all_gather_single(gathered, local)
+        for r, owned in enumerate(plan["owned"]):
+            start = r * segment
+            for i in owned:
+                value = gathered[start:start + sizes[i]].view(_state_shape(key, params[i], group))
+                start += sizes[i]
+                if not value.isnan().any():  # nan: the owner has no such state yet
+                    self.state[params[i]][key] = value.clone()
 
     # -- FSDP2: DTensor parameters ----------------------------------------------------------------
 
@@ -395,15 +519,20 @@ class Muon(torch.optim.Optimizer):
         with_grad = [p for p in params if p.grad is not None]
         if not with_grad:
             return
-        directions = momentum_([p.grad for p in with_grad], [self._momentum_buffer(p) for p in with_grad],
-                               group["momentum"], group["nesterov"])
-        orthogonal = []
-        for p, d in zip(with_grad, directions):
-            o = newton_schulz(d.full_tensor(), group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
-            replicated = DTensor.from_local(o, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
-            orthogonal.append(replicated.redistribute(p.device_mesh, p.placements))
+        bufs = [self._state_tensor(p, "momentum_buffer", group) for p in with_grad]
+        directions = momentum_([p.grad for p in with_grad], bufs, group["momentum"], group["nesterov"])
+        blocks = self._blocks(with_grad, group)
+        normuon = self._normuon(with_grad, group)
+        updates = []
+        for i, (p, d) in enumerate(zip(with_grad, directions)):
+            u = orthogonalize([d.full_tensor()], [blocks[i]], *self._ns_args(group))
+            if normuon is not None:
+                second_moment, beta2, eps = normuon
+                u = normuon_(u, [second_moment[i]], beta2, eps, [orthogonal_norm(p.shape, blocks[i])])
+            replicated = DTensor.from_local(u[0], p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+            updates.append(replicated.redistribute(p.device_mesh, p.placements))
         decays = [1 - group["lr"] * group["weight_decay"]] * len(with_grad) if group["weight_decay"] else None
-        decay_and_step_(with_grad, [_as_wide(o) for o in orthogonal], decays, self._step_sizes(with_grad, group))
+        decay_and_step_(with_grad, updates, decays, self._step_sizes(with_grad, group), group["cautious_weight_decay"])
 
     # -- AdamW ------------------------------------------------------------------------------------
 
@@ -419,10 +548,14 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
+        moments = [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if group["cautious_weight_decay"]:
+            adamw_cautious_(params, *moments, [s["step"] for s in states], group["lr"], beta1, beta2, group["eps"],
+                            group["weight_decay"])
+            return
         fused = not any(isinstance(p, DTensor) for p in params)  # the fused kernel takes plain tensors
         adamw_functional(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+            params, *moments, [], [s["step"] for s in states],
             fused=fused, foreach=not fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
@@ -443,27 +576,52 @@ def _compiled(fn):
 
 def _check_matrices(group: dict) -> None:
     names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
-    for name, p in zip(names, group["params"]):
+    blocks = group.get("blocks")
+    if blocks is not None and len(blocks) != len(group["params"]):
+        raise ValueError(f"blocks has {len(blocks)} entries for {len(group['params'])} parameters: give one "
+                         "(row_blocks, col_blocks) per parameter, (1, 1) for a whole matrix")
+    for i, (name, p) in enumerate(zip(names, group["params"])):
         if p.ndim != 2:
             raise ValueError(
                 f"Muon got parameter {name} of shape {tuple(p.shape)}: Muon takes 2-D matrices only; "
                 "put it in a group with use_muon=False (AdamW)"
             )
+        r, c = blocks[i] if blocks is not None else (1, 1)
+        if r < 1 or c < 1 or p.size(0) % r or p.size(1) % c:
+            raise ValueError(f"blocks {(r, c)} for parameter {name} of shape {tuple(p.shape)}: expected counts "
+                             "that divide its rows and columns")
 
 
-def _wide_shape(p: Tensor) -> tuple[int, int]:
-    return min(p.shape), max(p.shape)
+def _blocks_of(group: dict) -> dict[int, tuple[int, int]]:
+    """id(parameter) -> (row_blocks, col_blocks), from the group's optional "blocks" list."""
+    blocks = group.get("blocks")
+    return {} if blocks is None else {id(p): tuple(b) for p, b in zip(group["params"], blocks)}
+
+
+NORMUON_AXES = ("rows", "larger")  # normuon_axis: W's rows (the paper), or the larger side's neurons
+
+
+def _state_shape(key: str, p: Tensor, group: dict) -> tuple[int, ...]:
+    """momentum_buffer: p's shape; second_moment: one number per neuron (see normuon_)."""
+    if key == "momentum_buffer":
+        return tuple(p.shape)
+    rows, cols = p.shape
+    return (rows,) if group["normuon_axis"] == "rows" or rows >= cols else (cols,)
 
 
 def _as_wide(x: Tensor) -> Tensor:
-    return x.mT if x.size(0) > x.size(1) else x
+    """A matrix or batch of matrices on its wide side (A <= B)."""
+    return x.mT if x.size(-2) > x.size(-1) else x
 
 
-def _buckets_by_shape(params: list[Tensor]) -> list[list[Tensor]]:
-    """Parameters grouped by shape, a tall matrix with the wide one it transposes to."""
-    buckets: dict[tuple, list[Tensor]] = {}
-    for p in params:
-        buckets.setdefault((_wide_shape(p), p.device, p.dtype), []).append(p)
+def _buckets_by_block_shape(params: list[Tensor], blocks: list[tuple[int, int]] | None = None) -> list[list[int]]:
+    """Indices of params grouped by the wide shape of their blocks (default: whole matrices; a tall
+    block goes with the wide one it transposes to), device and dtype: each group is one batched
+    Newton-Schulz."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, (p, b) in enumerate(zip(params, blocks or [(1, 1)] * len(params))):
+        shape = tuple(sorted(block_shape(p.shape, b)))
+        buckets.setdefault((shape, p.device, p.dtype), []).append(i)
     return list(buckets.values())
 
 
@@ -522,16 +680,18 @@ class AttentionHeads:
 
 
 @torch.no_grad()
-def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float, check_finite: bool = True,
-             compile: bool = False) -> Tensor:
+def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float, alpha: float = 0.5,
+             check_finite: bool = True, compile: bool = False) -> Tensor:
     """Rescale, in place, every head whose max logit S exceeds tau so that its logits scale by tau / S.
 
     max_logits: (n_layers, n_heads), the largest pre-softmax logit (scaled, causal mask applied)
     of each head over the whole step's batch, already max-reduced over micro-batches and ranks.
-    With gamma = tau / S: q_nope and k_nope rows *= sqrt(gamma), q_rope rows *= gamma, so every
-    logit of the head scales by gamma and re-running the batch gives max logit tau. Heads at or
-    below tau are multiplied by exactly 1. Returns the number of clipped heads as a 0-dim tensor,
-    so the caller decides when to pay for a device sync.
+    With gamma = tau / S: q_nope rows *= gamma^alpha, k_nope rows *= gamma^(1 - alpha), q_rope
+    rows *= gamma (the rope key is shared by all heads), so every logit of the head scales by gamma
+    and re-running the batch gives max logit tau. alpha = 0.5 is Kimi K2's even split; Megatron-LM
+    offers the same alpha (--qk-clip-alpha). Heads at or below tau are multiplied by exactly 1.
+    Returns the number of clipped heads as a 0-dim tensor, so the caller decides when to pay for
+    a device sync.
 
     A non-finite S (a diverged run) never touches the weights: gamma = tau / inf = 0 would zero the
     head's q and k for good. With check_finite (the default) it is a ValueError naming the layer
@@ -544,6 +704,8 @@ def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float, check
     """
     if tau <= 0:
         raise ValueError(f"tau={tau}: expected a positive logit threshold")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha}: expected a share of the clip in [0, 1]")
     if max_logits.ndim != 2 or max_logits.size(0) != len(layers):
         raise ValueError(f"max_logits has shape {tuple(max_logits.shape)}: expected ({len(layers)}, n_heads)")
     if check_finite:
@@ -553,10 +715,10 @@ def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float, check
             raise ValueError(f"{layer_max.numel()} max logits for a layer of {heads.n_heads} heads")
     clip = _compiled(_clip_layers_) if compile else _clip_layers_
     layout = tuple((h.qk_nope_dim, h.qk_rope_dim, h.v_dim) for h in layers)
-    return clip([h.q_weight for h in layers], [h.k_weight for h in layers], max_logits, float(tau), layout)
+    return clip([h.q_weight for h in layers], [h.k_weight for h in layers], max_logits, float(tau), float(alpha), layout)
 
 
-def _clip_layers_(q_weights: list[Tensor], k_weights: list[Tensor], max_logits: Tensor, tau: float,
+def _clip_layers_(q_weights: list[Tensor], k_weights: list[Tensor], max_logits: Tensor, tau: float, alpha: float,
                   layout: tuple) -> Tensor:
     """qk_clip_'s rescaling, with the heads taken apart so torch.compile sees tensors and ints only."""
     n_clipped = torch.zeros((), dtype=torch.int64, device=max_logits.device)
@@ -564,8 +726,9 @@ def _clip_layers_(q_weights: list[Tensor], k_weights: list[Tensor], max_logits: 
         layer_max = layer_max.double()  # so a float64 model is clipped to float64 precision
         over = (layer_max > tau) & layer_max.isfinite()
         gamma = torch.where(over, tau / layer_max, torch.ones_like(layer_max))
-        _scale_head_rows_(q_weight, gamma.sqrt(), nope, gamma, rope)
-        _scale_head_rows_(k_weight, gamma.sqrt(), nope, torch.ones_like(gamma), v_dim)
+        # pow(0.5) is computed as sqrt: alpha = 0.5 is the sqrt split, bit for bit.
+        _scale_head_rows_(q_weight, gamma.pow(alpha), nope, gamma, rope)
+        _scale_head_rows_(k_weight, gamma.pow(1 - alpha), nope, torch.ones_like(gamma), v_dim)
         n_clipped += over.sum()
     return n_clipped
 

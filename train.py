@@ -165,7 +165,9 @@ def build_optimizer(cfg: Config, model: GPT) -> muon.Muon:
     def adamw(params, lr, weight_decay):
         return dict(params=params, use_muon=False, base_lr=lr, lr=lr, weight_decay=weight_decay,
                     betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps)
-    matrices = (dict(params=groups["matrices"], use_muon=True, base_lr=o.lr) if o.optimizer == "muon"
+    head_blocks = model.head_blocks() if o.per_head else {}
+    blocks = [head_blocks.get(name, (1, 1)) for name, _ in groups["matrices"]]
+    matrices = (dict(params=groups["matrices"], use_muon=True, base_lr=o.lr, blocks=blocks) if o.optimizer == "muon"
                 else adamw(groups["matrices"], o.lr, o.weight_decay))
     param_groups = [matrices, adamw(groups["embedding"], o.embed_lr, o.adamw_weight_decay),
                     adamw(groups["head"], o.head_lr, o.adamw_weight_decay),
@@ -173,6 +175,8 @@ def build_optimizer(cfg: Config, model: GPT) -> muon.Muon:
     return muon.Muon([g for g in param_groups if g["params"]], lr=o.lr, weight_decay=o.weight_decay,
                      momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps, ns_coefficients=o.ns_coefficients,
                      lr_rule=o.lr_rule, ns_dtype=ns_dtype(o.ns_dtype, model.lm_head.weight.device),
+                     normuon=o.normuon, normuon_beta2=o.normuon_beta2, normuon_eps=o.normuon_eps,
+                     normuon_axis=o.normuon_axis, cautious_weight_decay=o.cautious_weight_decay,
                      compile=cfg.train.compile)
 
 
@@ -237,8 +241,8 @@ def train_step(model, raw_model: GPT, optimizer: muon.Muon, batches, cfg: Config
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # check_finite=False: no device sync per step; train_loop checks the max logits every log interval.
-    clipped = (muon.qk_clip_(raw_model.attention_heads(), max_logits, cfg.optim.muon_clip_tau, check_finite=False,
-                             compile=cfg.train.compile)
+    clipped = (muon.qk_clip_(raw_model.attention_heads(), max_logits, cfg.optim.muon_clip_tau,
+                             alpha=cfg.optim.muon_clip_alpha, check_finite=False, compile=cfg.train.compile)
                if cfg.optim.muon_clip else None)
     return loss_sum / grad_accum, grad_norm, max_logits, clipped
 

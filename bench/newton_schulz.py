@@ -68,7 +68,7 @@ def speed_rows():
     shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
     grads = [torch.randn(s, device=device) for _ in range(12) for s in shapes]
     flops = sum(muon.ns_flops(tuple(g.shape), 5) for g in grads)
-    buckets = muon._buckets_by_shape(grads)
+    buckets = [[grads[i] for i in bucket] for bucket in muon._buckets_by_block_shape(grads)]
     stacks = [torch.stack([muon._as_wide(g) for g in bucket]) for bucket in buckets]
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     rows = [("bf16 matmul 8192^3 (the ceiling)", median_ms(lambda: a @ a), 2 * 8192**3)]

@@ -70,8 +70,8 @@ def ns_one_at_a_time(matrices, coefficients):
 
 
 def ns_batched(matrices, coefficients):
-    for bucket in muon._buckets_by_shape(matrices):
-        muon.newton_schulz(torch.stack([muon._as_wide(p.grad) for p in bucket]), coefficients)
+    for bucket in muon._buckets_by_block_shape(matrices):
+        muon.newton_schulz(torch.stack([muon._as_wide(matrices[i].grad) for i in bucket]), coefficients)
 
 
 def main(argv=None):

@@ -203,7 +203,7 @@ def test_the_compiled_bucket_step_is_the_eager_step_and_never_recompiles_for_the
             if compile and step == 0:
                 graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         results[compile] = [p.detach() for p in ps]
-    buckets = len(muon._buckets_by_shape(results[True]))
+    buckets = len(muon._buckets_by_block_shape(results[True]))
     assert graphs == buckets == 3  # 24x24 twice; 40x24 with 24x40; 16x56
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # steps 2-4 reused them
     for a, b in zip(results[False], results[True]):
