@@ -201,7 +201,8 @@ def normuon_(updates: list[Tensor], second_moments: list[Tensor], beta2, eps: fl
     for o, v, b2, norm in zip(updates, second_moments, beta2s, norms):
         o = o.float()
         per_row = v.numel() == o.size(0)
-        v.lerp_(o.square().mean(dim=1 if per_row else 0), 1 - b2)
+        weight = 1 - b2
+        v.lerp_(o.square().mean(dim=1 if per_row else 0), weight.to(v.dtype) if isinstance(weight, Tensor) else weight)
         scale = v.sqrt() + eps
         o_hat = o / (scale[:, None] if per_row else scale[None, :])
         normalized.append(o_hat * (norm / o_hat.norm().clamp_min(eps)))
@@ -428,7 +429,9 @@ class Muon(torch.optim.Optimizer):
             bufs = [self._state_tensor(p, "momentum_buffer", group) for p in ps]
             blocks = self._blocks(ps, group)
             bucket_updates = update_fn(grads, bufs, mus, group["nesterov"], blocks, *self._ns_args(group))
-            normuon = self._normuon(ps, group, [torch.where(trained[j], group["normuon_beta2"], 1.0) for j in js])
+            # float64, so that 1 - beta2 rounds to the same float32 weight as one process's number.
+            beta2 = torch.tensor(group["normuon_beta2"], dtype=torch.float64, device=trained.device)
+            normuon = self._normuon(ps, group, [torch.where(trained[j], beta2, 1.0) for j in js])
             if normuon is not None:
                 norms = [orthogonal_norm(p.shape, b) for p, b in zip(ps, blocks)]
                 bucket_updates = normuon_(bucket_updates, *normuon, norms)

@@ -2,12 +2,14 @@
 
     python -m bench.memory                  # CUDA: the 124M MLA model (gpt124m-mla), micro-batch 16 x 1024, bf16
     python -m bench.memory --smoke          # CPU: tiny-mla, optimizer-state bytes only
+    python -m bench.memory --smoke --preset gpt124m-mla   # CPU: the 124M model's optimizer-state bytes
     python -m bench.memory --micro-batch-size 8 --out bench/results/memory.png
 
 Optimizer state is the sum of every tensor in optimizer.state after the first step, when it
-exists. Muon keeps one fp32 momentum buffer per hidden matrix; AdamW keeps exp_avg and exp_avg_sq
-(the parameter's dtype) and a scalar step per tensor; embedding, head and gains take AdamW in both
-runs. The reference for GPT-2-small (one H100, measured for this project): AdamW 1.30 GB, Muon on the matrices + AdamW on the
+exists. Muon keeps one fp32 momentum buffer per hidden matrix, and with NorMuon one fp32 number
+per row (optim.normuon); AdamW keeps exp_avg and exp_avg_sq (the parameter's dtype) and a scalar
+step per tensor; embedding, head and gains take AdamW in every run. Cautious weight decay and
+per-head blocks keep no state. The reference for GPT-2-small (one H100, measured for this project): AdamW 1.30 GB, Muon on the matrices + AdamW on the
 rest 0.96 GB. Peak memory is torch.cuda.max_memory_allocated over three train.train_step calls on
 random tokens (weights, gradients, activations, optimizer state and the step's temporaries);
 CUDA only, so a CPU run reports state bytes alone. Writes a bar plot, prints a table last.
@@ -34,11 +36,15 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def expected_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """What muon.Muon should hold: 4 bytes per Muon weight; per AdamW tensor two moments and a 4-byte step."""
+    """What muon.Muon should hold: 4 bytes per Muon weight (and per row with NorMuon); per AdamW
+    tensor two moments and a 4-byte step."""
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            total += 4 * p.numel() if group["use_muon"] else 2 * p.numel() * p.element_size() + 4
+            if group["use_muon"]:
+                total += 4 * p.numel() + (4 * p.size(0) if group["normuon"] else 0)
+            else:
+                total += 2 * p.numel() * p.element_size() + 4
     return total
 
 
@@ -51,9 +57,12 @@ def random_batches(cfg: train.Config, vocab_size: int, device: torch.device):
 
 
 def measure(plan: dict, optimizer_name: str, device: torch.device, steps: int, compile: bool) -> dict:
+    """optimizer_name: "muon", "muon+normuon" or "adamw" on the hidden matrices."""
     plan = {**plan, "batch_tokens": plan["micro_batch_size"] * plan["seq_len"], "val_tokens": plan["seq_len"]}
-    cfg = make_config(plan, "unused", "gpt2", optimizer_name, 0.02 if optimizer_name == "muon" else 1e-3,
+    adamw = optimizer_name == "adamw"
+    cfg = make_config(plan, "unused", "gpt2", optimizer_name.split("+")[0], 1e-3 if adamw else 0.02,
                       steps, compile, device)
+    cfg.optim.normuon = optimizer_name == "muon+normuon"
     vocab_size = VOCAB_SIZES["gpt2"]
     torch.manual_seed(0)
     raw_model = GPT(train.gpt_config(cfg, vocab_size)).to(device)
@@ -101,6 +110,7 @@ def plot(rows: list, out: Path, title: str) -> None:
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: optimizer state only")
+    parser.add_argument("--preset", default=None, help="a model.CONFIGS name instead of the plan's model")
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
@@ -108,11 +118,13 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     plan = dict(SMOKE if args.smoke else FULL)
     plan["micro_batch_size"] = args.micro_batch_size or plan["micro_batch_size"]
+    if args.preset:
+        plan["model"] = dict(preset=args.preset)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     print(f"device: {device_name(device)}, torch {torch.__version__}")
     print(f"model: {plan['model']}, micro-batch {plan['micro_batch_size']} x {plan['seq_len']}, {args.steps} steps"
           + ("" if device.type == "cuda" else "; peak memory is measured on CUDA only"), flush=True)
-    rows = [measure(plan, name, device, args.steps, args.compile) for name in ("muon", "adamw")]
+    rows = [measure(plan, name, device, args.steps, args.compile) for name in ("muon", "muon+normuon", "adamw")]
     out = Path(args.out)
     plot(rows, out, f"{device_name(device)}: {plan['model']['preset']}, {rows[0]['params'] / 1e6:.1f}M parameters")
     print(f"plot: {out}")

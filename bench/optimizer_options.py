@@ -110,7 +110,8 @@ def plot(names: list[str], seeds: list[int], root: Path, rows: list[dict], out: 
             curves.plot(steps, [sum(c[s] for c in per_seed) / len(per_seed) for s in steps], marker="o", label=name)
     curves.set_xlabel("step")
     curves.set_ylabel(f"val loss (mean of seeds {', '.join(map(str, seeds))})")
-    curves.legend(fontsize=8)
+    if curves.lines:
+        curves.legend(fontsize=8)
     for i, r in enumerate(rows):
         done = [f for f in r["finals"] if f is not None]
         finals.scatter([i] * len(done), done, color="C0")

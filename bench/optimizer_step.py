@@ -2,6 +2,7 @@
 
     python -m bench.optimizer_step                       # CUDA if present, else CPU
     python -m bench.optimizer_step --layers 2 --compile  # a quick look on a CPU, eager and compiled
+    python -m bench.optimizer_step --options             # also each of Muon's options alone, eager
 
 The parameter set is GPT-2-small's (d=768): per layer four 768x768 attention matrices, a
 3072x768 and a 768x3072 MLP matrix (Muon), plus token and position embeddings, an untied
@@ -82,6 +83,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time ours with compile=True (one graph a bucket)")
+    parser.add_argument("--options", action="store_true",
+                        help="also time ours (eager) with NorMuon, cautious weight decay, per-head blocks, and all three")
+    parser.add_argument("--heads", type=int, default=12, help="attention heads, for the per-head blocks")
     parser.add_argument("--ns-dtype", choices=list(train.NS_DTYPES), default="auto",
                         help="ours' Newton-Schulz dtype, as optim.ns_dtype (torch.optim.Muon's is always bf16)")
     args = parser.parse_args(argv)
@@ -125,7 +129,30 @@ def main(argv=None):
     print("\n| what | ms per step | vs torch.optim.Muon + AdamW |\n|---|---:|---:|")
     for what, ms in rows:
         print(f"| {what} | {ms:.2f} | {baseline / ms:.1f}x |")
-    return dict(counts=counts, rows=rows)
+    options = option_rows(matrices, others, ns_dtype, args) if args.options else []
+    if options:
+        print("\n| muon.Muon step (eager, weight decay 0.1) with | ms per step | vs no option |\n|---|---:|---:|")
+        for what, ms in options:
+            print(f"| {what} | {ms:.2f} | {ms / options[0][1]:.2f}x |")
+    return dict(counts=counts, rows=rows, options=options)
+
+
+def option_rows(matrices, others, ns_dtype, args) -> list[tuple[str, float]]:
+    """An eager muon.Muon step with each option: per-head blocks cut each layer's first three
+    attention matrices (q, k, v) by rows and the fourth (the output) by columns into args.heads."""
+    blocks = []
+    for _ in range(args.layers):
+        blocks += [(args.heads, 1)] * 3 + [(1, args.heads)] + [(1, 1), (1, 1)]
+    settings = {"none": {}, "normuon": dict(normuon=True), "cautious weight decay": dict(cautious_weight_decay=True),
+                "per-head blocks": dict(blocks=True), "all three": dict(normuon=True, cautious_weight_decay=True, blocks=True)}
+    rows = []
+    for what, options in settings.items():
+        options = dict(options)
+        group = dict(params=matrices, blocks=blocks if options.pop("blocks", False) else None)
+        opt = muon.Muon([group, dict(params=others, use_muon=False)], lr=1e-3, weight_decay=0.1, ns_dtype=ns_dtype,
+                        **options)
+        rows.append((what, median_ms(opt.step, args.warmup, args.iters)))
+    return rows
 
 
 if __name__ == "__main__":

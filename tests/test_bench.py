@@ -10,8 +10,8 @@ import torch
 
 import data.demo
 import train
-from bench import (communication, memory, muon_vs_adamw, muonclip, peer, singular_values, spectrum, toy_power20,
-                   train_throughput)
+from bench import (communication, memory, muon_vs_adamw, muonclip, optimizer_options, optimizer_step, peer,
+                   singular_values, spectrum, toy_power20, train_throughput)
 from data.demo import ensure_demo_shards
 from tests.test_train import metrics, tiny_config, tiny_data  # noqa: F401
 
@@ -60,10 +60,11 @@ def test_memory_smoke_state_bytes_are_exact(tmp_path, capsys):
     line = last_line(capsys)
     assert line.startswith("| adamw |") and line.endswith("| n/a (CUDA only) |")
     assert_png(tmp_path / "memory.png")
-    muon, adamw = rows["muon"], rows["adamw"]
-    assert muon["state"] == muon["expected"] and adamw["state"] == adamw["expected"]
+    muon, normuon, adamw = rows["muon"], rows["muon+normuon"], rows["adamw"]
+    assert all(row["state"] == row["expected"] for row in rows.values())
     # The hidden matrices: Muon one fp32 buffer (4 bytes a weight); AdamW two fp32 moments and a step.
     assert adamw["state"] - muon["state"] == 4 * muon["muon_params"] + 4 * muon["muon_tensors"]
+    assert 0 < normuon["state"] - muon["state"] < 0.05 * (adamw["state"] - muon["state"])  # a vector per matrix
     assert muon["peak"] is None and adamw["peak"] is None
 
 
@@ -171,3 +172,24 @@ def test_singular_values_edits_every_matrix_and_flattening_is_orthogonalising(ti
 def train_losses_at_end(run_dir) -> float:
     """The run's last val loss: the trained weights' val loss, on the same val tokens."""
     return [row["val/loss"] for row in metrics(run_dir) if "val/loss" in row][-1]
+
+
+def test_optimizer_step_times_each_option(capsys):
+    result = optimizer_step.main(["--layers", "1", "--d", "48", "--vocab", "64", "--heads", "4", "--warmup", "1",
+                                  "--iters", "2", "--ns-dtype", "float32", "--options"])
+    assert [what for what, _ in result["options"]] == ["none", "normuon", "cautious weight decay", "per-head blocks",
+                                                       "all three"]
+    assert last_line(capsys).startswith("| all three |")
+
+
+def test_optimizer_options_runs_each_variant_and_tables_them(tmp_path, capsys):
+    """Two variants, one seed, four steps each, through train.py as the demo runs them."""
+    rows = optimizer_options.main([
+        "--variants", "muon", "all", "--seeds", "0", "--root", str(tmp_path / "runs"), "--steps", "4",
+        "--out", str(tmp_path / "options.png"), "--extra", f"--data.dir={tmp_path / 'demo'}", "--schedule.steps=4",
+        "--log.every=2", "--train.checkpoint_every=0", "--log.sample_every=0", "--log.heatmap_every=0",
+        "--schedule.momentum_warmup_steps=2"])
+    assert [r["name"] for r in rows] == ["muon", "all"] and all(r["mean"] is not None for r in rows)
+    assert rows[0]["mean"] != rows[1]["mean"]  # the options changed the run
+    assert "| all | --optim.normuon" in capsys.readouterr().out
+    assert_png(tmp_path / "options.png")

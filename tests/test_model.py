@@ -524,6 +524,38 @@ def test_qk_clip_caps_the_probed_heads_at_tau(kind):
         assert torch.equal(p, dict(model.named_parameters())[name]), name
 
 
+@pytest.mark.parametrize("kind", ["mla", "mla-qlora", "mha"])
+def test_head_blocks_are_the_heads_the_forward_uses(kind):
+    """Muon's per-head option cuts each named weight into one block per head: a change to head h's
+    block of a query or key weight moves head h's logits and no other head's; the value and
+    output blocks are one head's width."""
+    c = tiny(kind)
+    model = random_model(c)
+    attn, blocks = model.blocks[0].attn, model.head_blocks()
+    names = dict(model.named_parameters())
+    assert set(blocks) <= set(names) and len(blocks) == c.n_layer * (3 if c.attention == "mla" else 4)
+    x = torch.randn(2, 12, c.n_embd, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    logits, _ = reference_attention(attn, x, c)
+    v_width = c.v_head_dim if c.attention == "mla" else c.head_dim
+    for name, (r, cols) in blocks.items():
+        if not name.startswith("blocks.0."):
+            continue
+        weight = names[name]
+        assert (r, cols) in ((c.n_head, 1), (1, c.n_head))
+        if name.endswith(("wo.weight", "wv.weight")):
+            assert (weight.size(1) // cols if cols > 1 else weight.size(0) // r) == v_width
+            continue
+        h = 1
+        with torch.no_grad():
+            rows = slice(h * weight.size(0) // r, (h + 1) * weight.size(0) // r)
+            weight[rows] += 0.5
+            changed, _ = reference_attention(attn, x, c)
+            weight[rows] -= 0.5
+        others = [i for i in range(c.n_head) if i != h]
+        assert torch.equal(changed[:, others], logits[:, others]), name
+        assert not torch.equal(changed[:, h], logits[:, h]), name
+
+
 # ----------------------------------------------------------------------------------------------
 # Config validation
 

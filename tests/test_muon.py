@@ -366,11 +366,23 @@ def set_grads(params, grads):
         p.grad = None if g is None else g.clone()
 
 
-def distributed_worker(rank, world, rendezvous_file, out_path):
+# Every option on: blocks of one wide shape (8, 24) or (8, 56) from matrices of four shapes.
+DIST_OPTIONS = dict(blocks=[(3, 1), (1, 1), (1, 3), (5, 1), (1, 5), (2, 1), (1, 2)], normuon=True,
+                    cautious_weight_decay=True)
+
+
+def dist_optimizer(params, options, **kwargs):
+    options = dict(options)
+    blocks = options.pop("blocks", None)
+    return muon.Muon([dict(params=params, blocks=blocks)], lr=0.05, weight_decay=0.1, ns_dtype=torch.float32,
+                     **options, **kwargs)
+
+
+def distributed_worker(rank, world, rendezvous_file, out_path, options):
     # A file rendezvous: no TCP port to race other test runs for.
     dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world)
     params = [torch.nn.Parameter(p) for p in matrices_and_grads(seed=5, shapes=DIST_SHAPES)[0]]
-    opt = muon.Muon(params, lr=0.05, weight_decay=0.1, ns_dtype=torch.float32)
+    opt = dist_optimizer(params, options)
     assert opt.distributed
     for step in range(3):
         set_grads(params, distributed_grads(rank, step))  # not averaged: Muon does it
@@ -382,18 +394,20 @@ def distributed_worker(rank, world, rendezvous_file, out_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_owner_sharded_steps_equal_one_process_on_the_mean_gradient(tmp_path, world):
-    """Reduce-scatter to each matrix's owner, momentum and NS there, all-gather of the updates: the
-    weights of every rank equal one process's fed the mean gradient, bit for bit; each rank keeps
-    the momentum of its own matrices only (about 1/world of it); a matrix without a gradient on
-    every rank is left alone, as one process leaves it."""
+@pytest.mark.parametrize("world, options", [(2, {}), (3, {}), (2, DIST_OPTIONS), (3, DIST_OPTIONS)],
+                         ids=["2-ranks", "3-ranks", "2-ranks-every-option", "3-ranks-every-option"])
+def test_owner_sharded_steps_equal_one_process_on_the_mean_gradient(tmp_path, world, options):
+    """Reduce-scatter to each matrix's owner, momentum (and NorMuon) and NS there, all-gather of
+    the updates: the weights of every rank equal one process's fed the mean gradient, bit for bit;
+    each rank keeps the state of its own matrices only (about 1/world of it), and state_dict()
+    gathers it all; a matrix without a gradient on every rank is left alone, as one process
+    leaves it."""
     out = tmp_path / "out"
-    mp.spawn(distributed_worker, args=(world, str(tmp_path / "rendezvous"), str(out)), nprocs=world)
+    mp.spawn(distributed_worker, args=(world, str(tmp_path / "rendezvous"), str(out), options), nprocs=world)
     ranks = [torch.load(f"{out}.{r}") for r in range(world)]
 
     params = [torch.nn.Parameter(p) for p in matrices_and_grads(seed=5, shapes=DIST_SHAPES)[0]]
-    opt = muon.Muon(params, lr=0.05, weight_decay=0.1, ns_dtype=torch.float32, distributed=False)
+    opt = dist_optimizer(params, options, distributed=False)
     for step in range(3):
         per_rank = [distributed_grads(r, step) for r in range(world)]
         set_grads(params, [None if gs[0] is None else sum(gs) / world for gs in zip(*per_rank)])
@@ -401,7 +415,8 @@ def test_owner_sharded_steps_equal_one_process_on_the_mean_gradient(tmp_path, wo
     for result in ranks:
         assert all(torch.equal(a, b.detach()) for a, b in zip(result["params"], params))
         full = result["full"]["state"]
-        assert all(torch.equal(full[i]["momentum_buffer"], opt.state[p]["momentum_buffer"]) for i, p in enumerate(params))
+        for key in ("momentum_buffer", "second_moment") if options else ("momentum_buffer",):
+            assert all(torch.equal(full[i][key], opt.state[p][key]) for i, p in enumerate(params)), key
     total = sum(p.numel() for p in params)
     held = [result["state_here"] for result in ranks]
     assert sum(held) == total and max(held) < 0.75 * total  # shared out, not replicated
@@ -429,19 +444,22 @@ def fsdp_data(rank):
     return torch.randn(4, 16, generator=g), torch.randn(4, 8, generator=g)
 
 
-def fsdp_optimizer(model):
-    groups = [dict(params=[model[0].weight, model[2].weight]),
+def fsdp_optimizer(model, every_option=False):
+    # With every option: (32, 16) in 4 row blocks, (8, 32) in 4 column blocks, NorMuon, cautious decay.
+    blocks = [(4, 1), (1, 4)] if every_option else None
+    groups = [dict(params=[model[0].weight, model[2].weight], blocks=blocks),
               dict(params=list(model[1].parameters()), use_muon=False, lr=0.01)]
-    return muon.Muon(groups, lr=0.05, weight_decay=0.1, ns_dtype=torch.float32, distributed=False)
+    return muon.Muon(groups, lr=0.05, weight_decay=0.1, ns_dtype=torch.float32, distributed=False,
+                     normuon=every_option, cautious_weight_decay=every_option)
 
 
-def fsdp_worker(rank, world, rendezvous_file, out_path):
+def fsdp_worker(rank, world, rendezvous_file, out_path, every_option):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world)
     model = fsdp_model()
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    opt = fsdp_optimizer(model)
+    opt = fsdp_optimizer(model, every_option)
     for step in range(2):
         x, y = fsdp_data(rank)
         torch.nn.functional.mse_loss(model(x), y).backward()  # FSDP reduce-scatters the mean gradient
@@ -454,15 +472,17 @@ def fsdp_worker(rank, world, rendezvous_file, out_path):
     dist.destroy_process_group()
 
 
-def test_fsdp2_sharded_matrices_step_as_one_process_does(tmp_path):
+@pytest.mark.parametrize("every_option", [False, True])
+def test_fsdp2_sharded_matrices_step_as_one_process_does(tmp_path, every_option):
     """fully_shard makes every parameter a DTensor sharded by rows: Muon gathers each update whole
-    for Newton-Schulz and keeps its shard's rows; the result is one process's step on the mean
-    gradient of both ranks' batches."""
+    for Newton-Schulz (and NorMuon) and keeps its shard's rows; the result is one process's step on
+    the mean gradient of both ranks' batches."""
     world = 2
-    mp.spawn(fsdp_worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path / "fsdp.pt")), nprocs=world)
+    mp.spawn(fsdp_worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path / "fsdp.pt"), every_option),
+             nprocs=world)
     sharded = torch.load(tmp_path / "fsdp.pt")
     model = fsdp_model()
-    opt = fsdp_optimizer(model)
+    opt = fsdp_optimizer(model, every_option)
     for step in range(2):
         for rank in range(world):  # the mean of the two ranks' losses' gradients
             x, y = fsdp_data(rank)
@@ -615,3 +635,223 @@ def test_compiled_qk_clip_is_the_eager_one_and_compiles_once():
             torch.testing.assert_close(b.wq, a.wq, rtol=1e-15, atol=0)
             torch.testing.assert_close(b.wkv_b, a.wkv_b, rtol=1e-15, atol=0)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The 2025-26 options: NorMuon, cautious weight decay, per-head blocks, QK-clip alpha
+
+
+def ns_float64(U, coefficients):
+    X = U.T if U.size(0) > U.size(1) else U
+    X = X / (X.norm() * muon.NS_NORM_HEADROOM[coefficients] + 1e-7)
+    for a, b, c in muon.ns_schedule(coefficients, 5):
+        S = X @ X.T
+        X = a * X + (b * S + c * S @ S) @ X
+    return X.T if U.size(0) > U.size(1) else X
+
+
+def reference_options_float64(params, grads_per_step, lr, wd, mu, lr_rule="match_rms_adamw", coefficients="classic",
+                              blocks=None, normuon=None, cautious=False):
+    """Muon with each option written out in float64, a block and a matrix at a time:
+    blocks: each (rows / r, cols / c) block orthogonalised alone, lr scaled by the block's shape;
+    normuon (beta2, eps, axis): v <- beta2 v + (1 - beta2) mean over each neuron of O^2, O / (sqrt(v) + eps),
+    rescaled to the Frobenius norm of an orthogonal update of those blocks;
+    cautious: W <- W - lr wd 1[U W >= 0] W - U (Chen et al.)."""
+    params = [p.double().clone() for p in params]
+    momenta = [torch.zeros_like(p) for p in params]
+    seconds = [None] * len(params)
+    for grads in grads_per_step:
+        for i, (p, M, G) in enumerate(zip(params, momenta, grads)):
+            M.mul_(mu).add_(G.double())
+            U = G.double() + mu * M  # Nesterov
+            (m, n), (r, c) = p.shape, blocks[i] if blocks else (1, 1)
+            a, b = m // r, n // c
+            O = torch.zeros_like(U)
+            for bi in range(r):
+                for bj in range(c):
+                    O[bi * a:(bi + 1) * a, bj * b:(bj + 1) * b] = ns_float64(U[bi * a:(bi + 1) * a, bj * b:(bj + 1) * b], coefficients)
+            if normuon:
+                beta2, eps, axis = normuon
+                dim = 1 if axis == "rows" or m >= n else 0  # mean over columns: one number per row
+                seconds[i] = torch.zeros(O.size(1 - dim), dtype=torch.float64) if seconds[i] is None else seconds[i]
+                seconds[i] = beta2 * seconds[i] + (1 - beta2) * (O ** 2).mean(dim=dim)
+                O_hat = O / (seconds[i].sqrt().unsqueeze(dim) + eps)
+                O = O_hat * math.sqrt(r * c * min(a, b)) / O_hat.norm()
+            scale = math.sqrt(max(1, a / b)) if lr_rule == "original" else 0.2 * math.sqrt(max(a, b))
+            step = lr * scale * O
+            decay = lr * wd * p * ((step * p >= 0) if cautious else 1)
+            p.sub_(decay + step)
+    return params
+
+
+def test_normuon_is_the_papers_algorithm():
+    """NorMuon, Algorithm 1 of arXiv 2510.05491, in float64 as the paper writes it: EMA momentum
+    M <- b1 M + (1 - b1) G (Newton-Schulz removes its scale, so nesterov=False is this), per-row
+    v of O = NS(M), O_hat = O / (sqrt(v) + eps), step 0.2 lr sqrt(m n) / ||O_hat||_F, decoupled decay."""
+    params, grads = matrices_and_grads(seed=3, steps=4)
+    lr, wd, b1, b2, eps = 0.02, 0.1, 0.95, 0.95, 1e-8
+    expected = [p.double().clone() for p in params]
+    state = [(torch.zeros_like(p), torch.zeros(p.size(0), dtype=torch.float64)) for p in expected]
+    for step_grads in grads:
+        for W, (M, v), G in zip(expected, state, step_grads):
+            M.mul_(b1).add_(G.double(), alpha=1 - b1)
+            O = ns_float64(M, "classic")
+            v.mul_(b2).add_((O ** 2).mean(dim=1), alpha=1 - b2)
+            O_hat = O / (v.sqrt()[:, None] + eps)
+            m, n = W.shape
+            W.sub_(lr * wd * W + 0.2 * lr * math.sqrt(m * n) / O_hat.norm() * O_hat)
+    ours = run_optimizer(lambda ps: muon.Muon(ps, lr=lr, weight_decay=wd, momentum=b1, nesterov=False, normuon=True,
+                                              normuon_beta2=b2, normuon_eps=eps, ns_dtype=torch.float32),
+                         params, grads)
+    assert_updates_close(params, ours, expected, rtol=1e-4)
+
+
+BLOCKS = [(3, 1), (1, 3), (5, 1), (1, 4), (2, 1)]  # for matrices_and_grads' shapes
+
+
+@pytest.mark.parametrize("lr_rule", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("options", [
+    dict(normuon=True), dict(normuon=True, normuon_axis="larger"), dict(cautious_weight_decay=True),
+    dict(blocks=True), dict(normuon=True, cautious_weight_decay=True, blocks=True),
+])
+def test_options_equal_float64_formula(options, lr_rule):
+    params, grads = matrices_and_grads(seed=4)
+    options = dict(options)
+    blocks = BLOCKS if options.pop("blocks", False) else None
+
+    def make(ps):
+        return muon.Muon([dict(params=ps, blocks=blocks)], lr=0.02, weight_decay=0.1, lr_rule=lr_rule,
+                         ns_dtype=torch.float32, **options)
+    ours = run_optimizer(make, params, grads)
+    normuon = (0.95, 1e-8, options.get("normuon_axis", "rows")) if options.get("normuon") else None
+    reference = reference_options_float64(params, grads, lr=0.02, wd=0.1, mu=0.95, lr_rule=lr_rule, blocks=blocks,
+                                          normuon=normuon, cautious=options.get("cautious_weight_decay", False))
+    assert_updates_close(params, ours, reference, rtol=1e-4)
+
+
+def test_a_blocks_update_is_that_block_orthogonalised_as_its_own_matrix():
+    """Per head: the rows of head h of a (4 x 6, 20) query get exactly the update Muon gives those
+    6 rows as a parameter of their own; wo's columns likewise."""
+    g = torch.Generator().manual_seed(7)
+    q, wo = torch.randn(24, 20, generator=g), torch.randn(20, 24, generator=g)
+    q_grad, wo_grad = torch.randn(24, 20, generator=g), torch.randn(20, 24, generator=g)
+    settings = dict(lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
+    whole = [torch.nn.Parameter(q.clone()), torch.nn.Parameter(wo.clone())]
+    muon.Muon([dict(params=whole, blocks=[(4, 1), (1, 4)])], **settings)
+    opt = muon.Muon([dict(params=whole, blocks=[(4, 1), (1, 4)])], **settings)
+    whole[0].grad, whole[1].grad = q_grad.clone(), wo_grad.clone()
+    opt.step()
+    for h in range(4):
+        rows, cols = slice(6 * h, 6 * h + 6), (slice(None), slice(6 * h, 6 * h + 6))
+        alone = [torch.nn.Parameter(q[rows].clone()), torch.nn.Parameter(wo[cols].clone())]
+        alone[0].grad, alone[1].grad = q_grad[rows].clone(), wo_grad[cols].clone()
+        muon.Muon(alone, **settings).step()
+        torch.testing.assert_close(whole[0].detach()[rows], alone[0].detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(whole[1].detach()[cols], alone[1].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_blocks_are_named():
+    W = torch.nn.Parameter(torch.randn(12, 8))
+    with pytest.raises(ValueError, match=r"blocks \(5, 1\) for parameter #0 of shape \(12, 8\)"):
+        muon.Muon([dict(params=[W], blocks=[(5, 1)])])
+    with pytest.raises(ValueError, match="blocks has 2 entries for 1 parameters"):
+        muon.Muon([dict(params=[W], blocks=[(1, 1), (1, 1)])])
+    with pytest.raises(ValueError, match="normuon_axis='cols'"):
+        muon.Muon([W], normuon_axis="cols")
+
+
+def reference_adamw_float64(params, grads_per_step, lr, wd, betas, eps, cautious):
+    """AdamW in float64 with decay 1[U W >= 0] (cautious) or 1, U = m_hat / (sqrt(v_hat) + eps)."""
+    params = [p.double().clone() for p in params]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for p, (m, v), G in zip(params, moments, grads):
+            m.mul_(betas[0]).add_(G.double(), alpha=1 - betas[0])
+            v.mul_(betas[1]).add_(G.double() ** 2, alpha=1 - betas[1])
+            U = (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+            p.sub_(lr * (U + wd * p * ((U * p >= 0) if cautious else 1)))
+    return params
+
+
+def test_cautious_adamw_equals_float64_formula_and_torch_adamw_without_decay():
+    params, grads = matrices_and_grads(seed=6)
+    settings = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+
+    def ours(wd):
+        return run_optimizer(lambda ps: muon.Muon([dict(params=ps, use_muon=False)], weight_decay=wd,
+                                                  cautious_weight_decay=True, **settings), params, grads)
+    expected = reference_adamw_float64(params, grads, wd=0.5, cautious=True, **settings)
+    for a, b in zip(ours(0.5), expected):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    plain = reference_adamw_float64(params, grads, wd=0.5, cautious=False, **settings)
+    assert any(not torch.allclose(a, b) for a, b in zip(expected, plain))  # the mask did something
+    reference = run_optimizer(lambda ps: torch.optim.AdamW(ps, weight_decay=0.0, **settings), params, grads)
+    for a, b in zip(ours(0.0), reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_step_with_every_option_is_the_eager_step():
+    params, grads = matrices_and_grads(seed=8, steps=3)
+    results = {}
+    for compile in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = muon.Muon([dict(params=ps, blocks=BLOCKS)], lr=0.02, weight_decay=0.1, ns_dtype=torch.float32,
+                        normuon=True, cautious_weight_decay=True, compile=compile)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        results[compile] = [p.detach() for p in ps]
+    for a, b in zip(results[False], results[True]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normuon_axis", ["rows", "larger"])
+def test_state_dict_round_trip_with_every_option_restores_the_exact_next_step(normuon_axis):
+    options = dict(normuon=True, normuon_axis=normuon_axis, cautious_weight_decay=True)
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = make_hybrid(model, **options)
+    train_steps(model, opt, seeds=[0, 1])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert [s["second_moment"].shape for s in opt.state.values() if "second_moment" in s]
+    train_steps(model, opt, seeds=[2])
+    resumed = TinyLM()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = make_hybrid(resumed, **options)
+    resumed_opt.load_state_dict(saved["opt"])
+    train_steps(resumed, resumed_opt, seeds=[2])
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+def test_qk_clip_alpha_moves_the_clip_between_query_and_key(alpha):
+    """Megatron-LM's split: q_nope rows by eta^alpha, k_nope rows by eta^(1 - alpha), q_rope rows
+    by eta, v and the shared rope key untouched; every alpha brings a clipped head's max logit to tau."""
+    layer = MLAWeights(seed=9)
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    head_max = max_logits(layer.logits(x))
+    tau = head_max.median().item()
+    eta = torch.where(head_max > tau, tau / head_max, torch.ones_like(head_max))
+    H, nope, rope_dim, v = layer.H, layer.nope, layer.rope_dim, layer.v
+    wq, wkv_b, wkv_a = layer.wq.clone().view(H, nope + rope_dim, -1), layer.wkv_b.clone().view(H, nope + v, -1), layer.wkv_a.clone()
+
+    muon.qk_clip_([layer.heads()], head_max[None], tau, alpha=alpha)
+
+    q_after, kv_after = layer.wq.view(H, nope + rope_dim, -1), layer.wkv_b.view(H, nope + v, -1)
+    torch.testing.assert_close(q_after[:, :nope], wq[:, :nope] * eta[:, None, None] ** alpha)
+    torch.testing.assert_close(q_after[:, nope:], wq[:, nope:] * eta[:, None, None])
+    torch.testing.assert_close(kv_after[:, :nope], wkv_b[:, :nope] * eta[:, None, None] ** (1 - alpha))
+    assert torch.equal(kv_after[:, nope:], wkv_b[:, nope:]) and torch.equal(layer.wkv_a, wkv_a)
+    over = head_max > tau
+    torch.testing.assert_close(max_logits(layer.logits(x))[over], torch.full((int(over.sum()),), tau, dtype=torch.float64),
+                               rtol=1e-4, atol=0)
+    if alpha == 0.5:  # Kimi K2's sqrt split, bit for bit
+        assert torch.equal(q_after[:, :nope], wq[:, :nope] * eta.sqrt()[:, None, None])
+        assert torch.equal(kv_after[:, :nope], wkv_b[:, :nope] * eta.sqrt()[:, None, None])
+
+
+def test_qk_clip_alpha_out_of_range_is_named():
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        muon.qk_clip_([MLAWeights().heads()], torch.ones(1, 4), tau=1.0, alpha=1.5)

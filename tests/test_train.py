@@ -193,14 +193,17 @@ def test_demo_config_learns_and_wandb_offline_run_has_every_key(demo_dir, tmp_pa
     assert "The capital of France is" in {row[1] for t in tables for row in t["data"]}
 
 
-def test_resume_repeats_the_uninterrupted_run_exactly(tiny_data, tmp_path):
+@pytest.mark.parametrize("options", [[], ["--optim.normuon", "--optim.cautious_weight_decay", "--optim.per_head",
+                                           "--optim.muon_clip_alpha=0.25", "--optim.adamw_weight_decay=0.1"]],
+                         ids=["recipe", "every-option"])
+def test_resume_repeats_the_uninterrupted_run_exactly(tiny_data, tmp_path, options):
     straight = tiny_config(tmp_path, tiny_data, "straight")
-    train.main(["--config", straight])
+    train.main(["--config", straight, *options])
     # A crash after step 3: a new run dir holding only the step-3 checkpoint, resumed with "latest".
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     (resumed_dir / "ckpt_000003.pt").write_bytes((tmp_path / "straight" / "ckpt_000003.pt").read_bytes())
-    train.main(["--config", straight, "--train.run_dir", str(resumed_dir), "--resume", "latest"])
+    train.main(["--config", straight, *options, "--train.run_dir", str(resumed_dir), "--resume", "latest"])
 
     expected, got = train_losses(tmp_path / "straight"), train_losses(resumed_dir)
     assert list(expected) == [1, 2, 3, 4, 5, 6] and list(got) == [4, 5, 6]
@@ -406,6 +409,9 @@ def test_overrides_are_parsed_to_the_keys_types(tiny_data, tmp_path):
     (["--data.seq_len=64"], r"data.seq_len = 64: expected 1 .. model.block_size = 32"),
     (["--data.tokenizer=gpt3"], r"data.tokenizer = 'gpt3'"),
     (["--train.compile_warmup_steps=-1"], r"train.compile_warmup_steps = -1: expected >= 0"),
+    (["--optim.normuon_axis=cols"], r"optim.normuon_axis = 'cols': expected one of \('rows', 'larger'\)"),
+    (["--optim.normuon_beta2=1.0"], r"optim.normuon_beta2 = 1.0: expected in \[0, 1\)"),
+    (["--optim.muon_clip_alpha=1.5"], r"optim.muon_clip_alpha = 1.5: expected in \[0, 1\]"),
 ])
 def test_command_line_errors_name_the_key(tiny_data, tmp_path, argv_tail, message):
     config = tiny_config(tmp_path, tiny_data)
