@@ -12,10 +12,16 @@ Muon (Keller Jordan, 2024) for a hidden matrix W of shape (A, B) with gradient G
 
     M <- mu * M + G                     momentum_, fp32
     U <- G + mu * M  (Nesterov) or M
-    O <- NS(U)                          newton_schulz: approximately U V^T of U = U S V^T, in bf16
+    O <- NS(U)                          orthogonalize: newton_schulz, approximately U V^T of U = U S V^T
     W <- W * (1 - lr * wd) - lr_eff(A, B) * O      decay_and_step_: decoupled decay, un-scaled lr
 
-Those three functions are the whole update; Muon (the class) only decides who runs them on which
+Options of the same update, each off by default (the Muon class's docstring has the keys):
+NorMuon's per-neuron normalisation of O (normuon_, arXiv 2510.05491); cautious weight decay,
+which decays only where O and W share a sign (arXiv 2510.12402), in the AdamW groups too; and
+blocks, which orthogonalise each attention head's rows or columns as a matrix of its own, with
+lr_eff by the block's shape (as microsoft/dion's num_heads).
+
+Those functions are the whole update; Muon (the class) only decides who runs them on which
 matrix: one process, one owner rank per matrix under torch.distributed, or a whole update
 gathered for a DTensor (FSDP2) shard. Parameter groups with use_muon=False (embeddings, output
 head, norms, gains, scalars) are stepped with AdamW, using the same lr and weight_decay unless

@@ -5,13 +5,15 @@
     python -m bench.muon_vs_adamw --smoke               # CPU: tiny MLA on the byte-level demo data, seconds
     python -m bench.muon_vs_adamw --data-dir DIR --out bench/results/muon_vs_adamw.png
 
-Three optimizers on the hidden matrices: ours (muon.Muon), AdamW, and torch.optim.Muon as the
-reference implementation of Muon (PyTorch's, with the same lr rule, momentum, Nesterov and
-weight decay; it runs Newton-Schulz in bf16 whatever the device, which on a CPU without native
-bf16 (AVX2-only) is ~50x slower than fp32, so its time axis there shows that, not Muon). The
-embedding, head and gains take our AdamW groups in all three, at the recipe's lrs: only what the
-optimizer choice changes is swept. For each optimizer, short runs at three hidden-matrix lrs pick
-the one with the lowest final val loss; then each runs the full length at its pick. MuonClip is
+Four optimizers on the hidden matrices: ours (muon.Muon) as the Muon of 2024, ours with the
+options the demo adopts (OPTIONS, measured by bench.optimizer_options), AdamW, and
+torch.optim.Muon as the reference implementation of Muon (PyTorch's, with the same lr rule,
+momentum, Nesterov and weight decay; it runs Newton-Schulz in bf16 whatever the device, which on
+a CPU without native bf16 (AVX2-only) is ~50x slower than fp32, so its time axis there shows
+that, not Muon). The embedding, head and gains take our AdamW groups in all four, at the
+recipe's lrs: only what the optimizer choice changes is swept. For each optimizer, short runs at
+three hidden-matrix lrs pick the one with the lowest final val loss; then each runs the full
+length at its pick. MuonClip is
 off, so the comparison is the optimizer alone. AdamW gets a 5% linear warmup and beta1 0.9.
 
 --demo builds each run from configs/demo.toml (the byte-level demo data, the demo recipe). The
@@ -43,25 +45,31 @@ from model import GPT
 # No tokenizer is loaded (the benchmark never decodes), so gpt2 needs no rank file.
 VOCAB_SIZES = {"gpt2": GPT2_EOT_ID + 1, "bytes": bytes_tokenizer().n_vocab}
 
+# "muon_options": ours with the options configs/demo.toml adopts (bench/optimizer_options measured
+# them); "muon" and torch_muon run with them off, as the Muon of 2024.
+OPTIONS = dict(normuon=True)
+
 # The full-size run: sized so that 6 sweep runs and 2 full runs fit ~8 minutes of an H100 (eager, bf16).
 FULL = dict(
     model=dict(preset="gpt124m-mla", n_layer=6, n_head=6, n_embd=384, kv_lora_rank=128),
     seq_len=1024, micro_batch_size=32, batch_tokens=65536, val_tokens=786432,
     sweep_steps=80, steps=300, eval_every=25,
-    lrs={"muon": [0.02, 0.04, 0.08], "adamw": [1e-3, 2e-3, 4e-3], "torch_muon": [0.02, 0.04, 0.08]},
+    lrs={"muon": [0.02, 0.04, 0.08], "adamw": [1e-3, 2e-3, 4e-3], "torch_muon": [0.02, 0.04, 0.08],
+         "muon_options": [0.02, 0.04, 0.08]},
 )
 # CPU: configs/demo.toml as it is, at half its length, sized to fit ~25 minutes on 2 cores.
 DEMO = dict(
     base="configs/demo.toml", batch_tokens=4096, val_tokens=32768, seq_len=128,
     sweep_steps=80, steps=300, eval_every=25,
-    lrs={"muon": [0.004, 0.008, 0.016], "adamw": [2e-3, 4e-3, 8e-3], "torch_muon": [0.008, 0.016]},
+    lrs={"muon": [0.004, 0.008, 0.016], "adamw": [2e-3, 4e-3, 8e-3], "torch_muon": [0.008, 0.016],
+         "muon_options": [0.004, 0.008, 0.016]},
 )
 # CPU smoke: the tiny preset on the demo bytes, a handful of steps.
 SMOKE = dict(
     model=dict(preset="tiny-mla", block_size=64),
     seq_len=64, micro_batch_size=8, batch_tokens=512, val_tokens=2048,
     sweep_steps=4, steps=12, eval_every=4,
-    lrs={"muon": [0.02, 0.05], "adamw": [3e-3, 1e-2], "torch_muon": [0.02, 0.05]},
+    lrs={"muon": [0.02, 0.05], "adamw": [3e-3, 1e-2], "torch_muon": [0.02, 0.05], "muon_options": [0.02, 0.05]},
 )
 
 
@@ -80,8 +88,9 @@ def make_config(plan: dict, data_dir: str, tokenizer: str, optimizer: str, lr: f
     plan["base"], that TOML file's recipe, else train.py's defaults with the plan's model and data.
     optimizer "torch_muon" is configured as "muon": train_run(torch_muon=True) swaps in torch.optim.Muon."""
     adamw = optimizer == "adamw"
+    options = OPTIONS if optimizer == "muon_options" else dict.fromkeys(OPTIONS, False)
     optim = dict(optimizer="adamw" if adamw else "muon", lr=lr, muon_clip=muon_clip, muon_clip_tau=tau,
-                 **(dict(weight_decay=0.1, adamw_beta1=0.9) if adamw else {}))
+                 **(dict(weight_decay=0.1, adamw_beta1=0.9) if adamw else options))
     # Warmup helps AdamW, and short runs need the momentum warmup short too.
     schedule = dict(steps=steps, warmup_steps=max(1, steps // 20) if adamw else 0,
                     momentum_warmup_steps=min(300, steps // 4))
@@ -220,7 +229,8 @@ def plot(runs: dict, out: Path, title: str) -> None:
     save(fig, out)
 
 
-NAMES = {"muon": "ours (muon.Muon)", "adamw": "AdamW", "torch_muon": "torch.optim.Muon"}
+NAMES = {"muon": "ours (muon.Muon)", "adamw": "AdamW", "torch_muon": "torch.optim.Muon",
+         "muon_options": "ours + " + " + ".join(OPTIONS)}
 
 
 def main(argv=None) -> dict:
@@ -232,7 +242,8 @@ def main(argv=None) -> dict:
                                                          "--demo, --smoke: data.demo's shards)")
     parser.add_argument("--steps", type=int, default=None, help="full-run steps (default: the plan's)")
     parser.add_argument("--sweep-steps", type=int, default=None)
-    parser.add_argument("--optimizers", default="muon,adamw,torch_muon", help="which of muon, adamw, torch_muon")
+    parser.add_argument("--optimizers", default="muon,adamw,torch_muon,muon_options",
+                        help="which of muon, adamw, torch_muon, muon_options (ours with OPTIONS on)")
     parser.add_argument("--compile", action="store_true", help="torch.compile (each run compiles anew)")
     parser.add_argument("--out", default="bench/results/muon_vs_adamw.png")
     args = parser.parse_args(argv)
@@ -241,7 +252,7 @@ def main(argv=None) -> dict:
     plan["sweep_steps"] = args.sweep_steps or plan["sweep_steps"]
     names = args.optimizers.split(",")
     if "muon" not in names or "adamw" not in names or not set(names) <= set(NAMES):
-        parser.error(f"--optimizers {args.optimizers}: muon and adamw, and optionally torch_muon")
+        parser.error(f"--optimizers {args.optimizers}: muon and adamw, and any of torch_muon, muon_options")
     args.tokenizer = "gpt2" if not (args.demo or args.smoke) else "bytes"
     args.data_dir = args.data_dir or (str(ensure_demo_shards()) if args.demo or args.smoke else ".devdata/corpus")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

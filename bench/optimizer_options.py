@@ -34,6 +34,10 @@ VARIANTS = {
     "normuon+cautious": ["--optim.normuon", "--optim.cautious_weight_decay"],
     "normuon+per-head": ["--optim.normuon", "--optim.per_head"],
     "all": ["--optim.normuon", "--optim.cautious_weight_decay", "--optim.per_head"],
+    # NorMuon re-swept: its per-neuron normalisation changes which entries the step moves most.
+    "normuon-lr0.006": ["--optim.normuon", "--optim.lr=0.006"],
+    "normuon-lr0.011": ["--optim.normuon", "--optim.lr=0.011"],
+    "normuon-lr0.016": ["--optim.normuon", "--optim.lr=0.016"],
 }
 
 

@@ -26,12 +26,14 @@ def assert_png(path) -> None:
 
 def test_muon_vs_adamw_smoke(tmp_path, capsys):
     result = muon_vs_adamw.main(["--smoke", "--out", str(tmp_path / "muon_vs_adamw.png")])
-    assert last_line(capsys).startswith("| torch.optim.Muon |")
+    assert last_line(capsys).startswith("| ours + ")
     assert_png(tmp_path / "muon_vs_adamw.png")
-    assert list(result["runs"]) == ["muon", "adamw", "torch_muon"]
+    assert list(result["runs"]) == ["muon", "adamw", "torch_muon", "muon_options"]
     for name, run in result["runs"].items():
         steps, tokens, seconds, losses = zip(*run["val"])
         assert run["cfg"].optim.optimizer == ("adamw" if name == "adamw" else "muon")
+        for option, value in muon_vs_adamw.OPTIONS.items():  # on in muon_options only
+            assert getattr(run["cfg"].optim, option) == (value if name == "muon_options" else False)
         assert run["cfg"].optim.lr == result["best"][name]
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, (name, losses)
         assert list(tokens) == sorted(tokens) and list(seconds) == sorted(seconds)
