@@ -60,7 +60,7 @@ class OptimConfig:
     adamw_beta1: float = 0.8
     adamw_beta2: float = 0.95
     adamw_eps: float = 1e-10
-    normuon: bool = False          # NorMuon: normalise each neuron of Muon's update by its running RMS (muon.normuon_)
+    normuon: bool = True           # NorMuon: normalise each neuron of Muon's update by its running RMS (muon.normuon_)
     normuon_beta2: float = 0.95    # NorMuon's second-moment decay
     normuon_eps: float = 1e-8
     normuon_axis: str = "rows"     # NorMuon's neurons: "rows" of W (the paper) or the "larger" side (modded-nanogpt)

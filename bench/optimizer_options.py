@@ -23,14 +23,16 @@ from pathlib import Path
 
 from bench.figure import plt, save
 
-# name -> train.py overrides on top of configs/demo.toml. "muon" is today's recipe.
+# name -> train.py overrides on top of configs/demo.toml. "muon" is the recipe before NorMuon
+# became the default: every variant says whether NorMuon is on.
+OFF = "--optim.normuon=false"
 VARIANTS = {
-    "muon": [],
+    "muon": [OFF],
     "normuon": ["--optim.normuon"],
     "normuon-larger": ["--optim.normuon", "--optim.normuon_axis=larger"],
-    "cautious": ["--optim.cautious_weight_decay"],
-    "per-head": ["--optim.per_head"],
-    "clip-alpha-1": ["--optim.muon_clip_alpha=1.0"],
+    "cautious": [OFF, "--optim.cautious_weight_decay"],
+    "per-head": [OFF, "--optim.per_head"],
+    "clip-alpha-1": [OFF, "--optim.muon_clip_alpha=1.0"],
     "normuon+cautious": ["--optim.normuon", "--optim.cautious_weight_decay"],
     "normuon+per-head": ["--optim.normuon", "--optim.per_head"],
     "all": ["--optim.normuon", "--optim.cautious_weight_decay", "--optim.per_head"],
@@ -38,6 +40,9 @@ VARIANTS = {
     "normuon-lr0.006": ["--optim.normuon", "--optim.lr=0.006"],
     "normuon-lr0.011": ["--optim.normuon", "--optim.lr=0.011"],
     "normuon-lr0.016": ["--optim.normuon", "--optim.lr=0.016"],
+    # NorMuon with Polar Express, the pair in modded-nanogpt's and nanochat's optimizers.
+    "normuon+polar": ["--optim.normuon", "--optim.ns_coefficients=polar_express"],
+    "normuon-larger+polar": ["--optim.normuon", "--optim.normuon_axis=larger", "--optim.ns_coefficients=polar_express"],
 }
 
 
@@ -91,16 +96,18 @@ def table(names: list[str], seeds: list[int], root: Path, steps: int) -> list[di
         done = [f for f in finals if f is not None]
         rows.append(dict(name=name, finals=finals, mean=sum(done) / len(done) if done else None,
                          spread=max(done) - min(done) if len(done) > 1 else None))
-    base = next((r["mean"] for r in rows if r["name"] == "muon"), None)
+    # "vs muon": against muon's mean over the same seeds, so a one-seed row meets its own seed.
+    base_finals = dict(zip(seeds, next((r["finals"] for r in rows if r["name"] == "muon"), [None] * len(seeds))))
     seed_cols = " | ".join(f"seed {s}" for s in seeds)
-    print(f"\n| variant | overrides | {seed_cols} | mean | spread | vs muon |")
+    print(f"\n| variant | overrides | {seed_cols} | mean | spread | vs muon, same seeds |")
     print("|---|---|" + "---:|" * (len(seeds) + 3))
     for r in rows:
         cells = " | ".join("—" if f is None else f"{f:.4f}" for f in r["finals"])
         mean = "—" if r["mean"] is None else f"{r['mean']:.4f}"
         spread = "—" if r["spread"] is None else f"{r['spread']:.4f}"
-        delta = "—" if r["mean"] is None or base is None else f"{r['mean'] - base:+.4f}"
-        print(f"| {r['name']} | {' '.join(VARIANTS[r['name']]) or '(configs/demo.toml)'} | {cells} | {mean} | {spread} | {delta} |")
+        pairs = [(f, base_finals[s]) for f, s in zip(r["finals"], seeds) if f is not None and base_finals[s] is not None]
+        delta = f"{sum(f - b for f, b in pairs) / len(pairs):+.4f}" if pairs else "—"
+        print(f"| {r['name']} | {' '.join(VARIANTS[r['name']])} | {cells} | {mean} | {spread} | {delta} |")
     return rows
 
 
