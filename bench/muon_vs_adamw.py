@@ -90,7 +90,7 @@ def make_config(plan: dict, data_dir: str, tokenizer: str, optimizer: str, lr: f
     adamw = optimizer == "adamw"
     options = OPTIONS if optimizer == "muon_options" else dict.fromkeys(OPTIONS, False)
     optim = dict(optimizer="adamw" if adamw else "muon", lr=lr, muon_clip=muon_clip, muon_clip_tau=tau,
-                 **(dict(weight_decay=0.1, adamw_beta1=0.9) if adamw else options))
+                 **options, **(dict(weight_decay=0.1, adamw_beta1=0.9) if adamw else {}))
     # Warmup helps AdamW, and short runs need the momentum warmup short too.
     schedule = dict(steps=steps, warmup_steps=max(1, steps // 20) if adamw else 0,
                     momentum_warmup_steps=min(300, steps // 4))
