@@ -62,7 +62,7 @@ class OptimConfig:
     adamw_eps: float = 1e-10
     normuon: bool = True           # NorMuon: normalise each neuron of Muon's update by its running RMS (muon.normuon_)
     normuon_beta2: float = 0.95    # NorMuon's second-moment decay
-    normuon_eps: float = 1e-8
+    normuon_eps: float = 1e-8      # NorMuon's guard in O / (sqrt(v) + eps)
     normuon_axis: str = "rows"     # NorMuon's neurons: "rows" of W (the paper) or the "larger" side (modded-nanogpt)
     cautious_weight_decay: bool = False  # decay only where update and weight share a sign (Muon and AdamW)
     per_head: bool = False         # Muon orthogonalises each attention head's block of q, k/v and wo on its own
