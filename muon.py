@@ -170,8 +170,8 @@ def orthogonalize(directions: list[Tensor], blocks: list[tuple[int, int]], coeff
     orthogonal = newton_schulz(torch.cat(pieces), coefficients, ns_steps, dtype=ns_dtype)
     updates = []
     for d, b, o in zip(directions, blocks, orthogonal.split([len(p) for p in pieces])):
-        tall = d.size(0) // b[0] > d.size(1) // b[1]
-        updates.append(from_blocks(o.mT if tall else o, b))
+        rows, cols = block_shape(d.shape, b)
+        updates.append(from_blocks(o.mT if rows > cols else o, b))
     return updates
 
 
@@ -435,10 +435,10 @@ class Muon(torch.optim.Optimizer):
             bufs = [self._state_tensor(p, "momentum_buffer", group) for p in ps]
             blocks = self._blocks(ps, group)
             bucket_updates = update_fn(grads, bufs, mus, group["nesterov"], blocks, *self._ns_args(group))
-            # float64, so that 1 - beta2 rounds to the same float32 weight as one process's number.
-            beta2 = torch.tensor(group["normuon_beta2"], dtype=torch.float64, device=trained.device)
-            normuon = self._normuon(ps, group, [torch.where(trained[j], beta2, 1.0) for j in js])
-            if normuon is not None:
+            if group["normuon"]:
+                # float64, so that 1 - beta2 rounds to the same float32 weight as one process's number.
+                beta2 = torch.tensor(group["normuon_beta2"], dtype=torch.float64, device=trained.device)
+                normuon = self._normuon(ps, group, [torch.where(trained[j], beta2, 1.0) for j in js])
                 norms = [orthogonal_norm(p.shape, b) for p, b in zip(ps, blocks)]
                 bucket_updates = normuon_(bucket_updates, *normuon, norms)
             for j, u in zip(js, bucket_updates):

@@ -145,6 +145,16 @@ def test_step_equals_torch_optim_muon(lr_rule, nesterov):
     assert_updates_close(params, ours, reference, rtol=2e-2)
 
 
+def ns_float64(U, coefficients):
+    """Newton-Schulz written out in float64 on one matrix, on its wide side."""
+    X = U.T if U.size(0) > U.size(1) else U
+    X = X / (X.norm() * muon.NS_NORM_HEADROOM[coefficients] + 1e-7)
+    for a, b, c in muon.ns_schedule(coefficients, 5):
+        S = X @ X.T
+        X = a * X + (b * S + c * S @ S) @ X
+    return X.T if U.size(0) > U.size(1) else X
+
+
 def reference_muon_float64(params, grads_per_step, lr, wd, mu, nesterov, lr_rule, coefficients):
     """The update formula (README, "The formulas"), written out in float64 one matrix at a time."""
     params = [p.double().clone() for p in params]
@@ -154,12 +164,7 @@ def reference_muon_float64(params, grads_per_step, lr, wd, mu, nesterov, lr_rule
             G = G.double()
             M.mul_(mu).add_(G)
             U = G + mu * M if nesterov else M.clone()
-            X = U.T if U.size(0) > U.size(1) else U
-            X = X / (X.norm() * muon.NS_NORM_HEADROOM[coefficients] + 1e-7)
-            for a, b, c in muon.ns_schedule(coefficients, 5):
-                S = X @ X.T
-                X = a * X + (b * S + c * S @ S) @ X
-            O = X.T if U.size(0) > U.size(1) else X
+            O = ns_float64(U, coefficients)
             A, B = p.shape
             scale = math.sqrt(max(1, A / B)) if lr_rule == "original" else 0.2 * math.sqrt(max(A, B))
             p.mul_(1 - lr * wd).add_(O, alpha=-lr * scale)
@@ -641,15 +646,6 @@ def test_compiled_qk_clip_is_the_eager_one_and_compiles_once():
 # The 2025-26 options: NorMuon, cautious weight decay, per-head blocks, QK-clip alpha
 
 
-def ns_float64(U, coefficients):
-    X = U.T if U.size(0) > U.size(1) else U
-    X = X / (X.norm() * muon.NS_NORM_HEADROOM[coefficients] + 1e-7)
-    for a, b, c in muon.ns_schedule(coefficients, 5):
-        S = X @ X.T
-        X = a * X + (b * S + c * S @ S) @ X
-    return X.T if U.size(0) > U.size(1) else X
-
-
 def reference_options_float64(params, grads_per_step, lr, wd, mu, lr_rule="match_rms_adamw", coefficients="classic",
                               blocks=None, normuon=None, cautious=False):
     """Muon with each option written out in float64, a block and a matrix at a time:
@@ -737,7 +733,6 @@ def test_a_blocks_update_is_that_block_orthogonalised_as_its_own_matrix():
     q_grad, wo_grad = torch.randn(24, 20, generator=g), torch.randn(20, 24, generator=g)
     settings = dict(lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
     whole = [torch.nn.Parameter(q.clone()), torch.nn.Parameter(wo.clone())]
-    muon.Muon([dict(params=whole, blocks=[(4, 1), (1, 4)])], **settings)
     opt = muon.Muon([dict(params=whole, blocks=[(4, 1), (1, 4)])], **settings)
     whole[0].grad, whole[1].grad = q_grad.clone(), wo_grad.clone()
     opt.step()
