@@ -1,43 +1,35 @@
-"""Muon with an AdamW companion, and MuonClip (per-head QK-clip). Torch only.
-
-Copy this one file into any project:
+"""Muon with an AdamW companion, and MuonClip (per-head QK-clip). Torch only: copy this file anywhere.
 
     import muon
-    groups = muon.hybrid_param_groups(model, adamw_names=("lm_head",))
-    opt = muon.Muon(groups, lr=3e-4, weight_decay=0.1)   # one step(), one state_dict()
-    ...
-    n_clipped = muon.qk_clip_(model.attention_heads(), max_logits, tau=100.0)
+    groups = muon.param_groups(model, head=dict(lr=0.008), embeddings=dict(lr=0.3))
+    opt = muon.Muon(groups, lr=0.02, weight_decay=0.1)   # Muon on hidden matrices, AdamW on the rest
+    loss.backward(); opt.step(); opt.zero_grad()
 
 Muon (Keller Jordan, 2024) for a hidden matrix W of shape (A, B) with gradient G:
 
-    M <- mu * M + G                     momentum_, fp32
-    U <- G + mu * M  (Nesterov) or M
-    O <- NS(U)                          orthogonalize: newton_schulz, approximately U V^T of U = U S V^T
-    W <- W * (1 - lr * wd) - lr_eff(A, B) * O      decay_and_step_: decoupled decay, un-scaled lr
+    M <- mu M + G                       momentum_, fp32
+    U <- G + mu M  (Nesterov) or M
+    O <- NS(U)                          newton_schulz: approximately U V^T of U = U S V^T
+    W <- (1 - lr wd) W - lr_eff(A, B) O      decay_and_step_: decoupled decay with the un-scaled lr
 
-Options of the same update, each off by default (the Muon class's docstring has the keys):
-NorMuon's per-neuron normalisation of O (normuon_, arXiv 2510.05491); cautious weight decay,
-which decays only where O and W share a sign (arXiv 2510.12402), in the AdamW groups too; and
-blocks, which orthogonalise each attention head's rows or columns as a matrix of its own, with
-lr_eff by the block's shape (as microsoft/dion's num_heads).
+Options of the same update, each off by default: NorMuon's per-neuron normalisation of O
+(normuon_, arXiv 2510.05491); cautious weight decay, which decays only where O and W share a
+sign (arXiv 2510.12402), in the AdamW groups too; and blocks, which orthogonalise each attention
+head's rows or columns as a matrix of its own, lr_eff by the block's shape (microsoft/dion's
+num_heads). muon_update_ is the whole update of a list of matrices, and the only one: the Muon
+class decides which rank runs it on which matrix, and moves gradients and weights (Bucket).
 
-Those functions are the whole update; Muon (the class) only decides who runs them on which
-matrix: one process, one owner rank per matrix under torch.distributed, or a whole update
-gathered for a DTensor (FSDP2) shard. Parameter groups with use_muon=False (embeddings, output
-head, norms, gains, scalars) are stepped with AdamW, using the same lr and weight_decay unless
-the group sets its own. With lr_rule="match_rms_adamw" (Moonlight, Kimi K2) Muon's update has
-AdamW's RMS of 0.2, so one lr and one wd serve both.
+The file reads top to bottom: the maths as pure functions; who owns which matrix; the Muon class;
+param_groups; MuonClip (Kimi K2's per-head QK-clip).
 """
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate
-from torch.optim.adamw import adamw as adamw_functional
+from torch.distributed.tensor import DTensor, Shard
 
 # ----------------------------------------------------------------------------------------------
 # Newton-Schulz
@@ -59,7 +51,6 @@ NS_COEFFICIENTS = {
 }
 # Polar Express's polynomials were fitted for inputs normalised with 2% headroom.
 NS_NORM_HEADROOM = {"classic": 1.0, "polar_express": 1.02}
-LR_RULES = ("original", "match_rms_adamw")
 
 
 def ns_schedule(coefficients: str, steps: int) -> list[tuple[float, float, float]]:
@@ -74,10 +65,8 @@ def ns_schedule(coefficients: str, steps: int) -> list[tuple[float, float, float
     return list(table[:steps])
 
 
-def newton_schulz(
-    G: Tensor, coefficients: str = "classic", steps: int = 5, eps: float = 1e-7,
-    dtype: torch.dtype = torch.bfloat16,
-) -> Tensor:
+def newton_schulz(G: Tensor, coefficients: str = "classic", steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Approximate U V^T for G = U S V^T, for one matrix (A, B) or a batch (N, A, B).
 
     Odd polynomials act on the singular values alone, p(U S V^T) = U p(S) V^T, so the singular
@@ -101,47 +90,36 @@ def newton_schulz(
     return X.squeeze(0) if G.ndim == 2 else X
 
 
-def lr_multiplier(lr_rule: str, shape: torch.Size) -> float:
-    """lr_eff / lr for a matrix of this shape (names as in torch.optim.Muon)."""
+LR_RULES = ("original", "match_rms_adamw")
+
+
+def lr_multiplier(lr_rule: str, shape: tuple[int, int]) -> float:
+    """lr_eff / lr for a matrix (or block) of this shape; the names are torch.optim.Muon's."""
     A, B = shape
-    if lr_rule == "original":
+    if lr_rule == "original":  # Keller Jordan
         return math.sqrt(max(1.0, A / B))
-    if lr_rule == "match_rms_adamw":
-        # A full-rank orthogonal (A, B) matrix has RMS 1/sqrt(max(A, B)): this gives RMS 0.2.
-        return 0.2 * math.sqrt(max(A, B))
+    if lr_rule == "match_rms_adamw":  # Moonlight: a full-rank orthogonal (A, B) matrix has RMS
+        return 0.2 * math.sqrt(max(A, B))  # 1/sqrt(max(A, B)), so this gives AdamW's RMS of 0.2
     raise ValueError(f"lr_rule={lr_rule!r}: expected one of {LR_RULES}")
 
 
-def ns_flops(shape: tuple[int, int], steps: int) -> int:
-    """Multiply-add FLOPs of Newton-Schulz on one (A, B) matrix, worked on its wide side (A <= B):
-    per step X X^T (2 A^2 B), S S (2 A^3) and (b S + c S^2) X (2 A^2 B)."""
-    A, B = sorted(shape)
-    return steps * (4 * A * A * B + 2 * A ** 3)
-
-
-def plan_owners(shapes: list[tuple[int, int]], world: int, steps: int = 5) -> list[int]:
-    """The rank that orthogonalises each matrix: longest-processing-time first, by NS FLOPs, so the
-    ranks' NS work is balanced (a ceil split by count leaves ranks idle; a 3072 x 768 matrix costs
-    6x a 768 x 768 one)."""
-    load, owner = [0] * world, [0] * len(shapes)
-    for i in sorted(range(len(shapes)), key=lambda i: (-ns_flops(shapes[i], steps), i)):
-        owner[i] = min(range(world), key=lambda r: (load[r], r))
-        load[owner[i]] += ns_flops(shapes[i], steps)
-    return owner
-
-
 # ----------------------------------------------------------------------------------------------
-# The update maths, once: every step path below calls these
+# The update maths: pure functions of lists of tensors, in place where the name ends in _
 
 
-def momentum_(grads: list[Tensor], bufs: list[Tensor], mu, nesterov: bool) -> list[Tensor]:
+def momentum_(grads: list[Tensor], momentum_buffers: list[Tensor], mu, nesterov: bool) -> list[Tensor]:
     """M <- mu M + G for every buffer (in place, fp32); returns the directions to orthogonalise,
-    G + mu M (Nesterov) or M. mu: a number, a 0-dim tensor (the compiled step's, so the momentum
-    warm-up never recompiles) or one 0-dim tensor per matrix."""
-    grads = [g.float() for g in grads]
-    torch._foreach_mul_(bufs, mu)
-    torch._foreach_add_(bufs, grads)
-    return torch._foreach_add(grads, torch._foreach_mul(bufs, mu)) if nesterov else bufs
+    G + mu M (Nesterov) or M. mu: a number or a 0-dim tensor."""
+    directions = []
+    for g, buf in zip(grads, momentum_buffers):
+        g = g.float()
+        buf.mul_(mu).add_(g)
+        directions.append(g + buf * mu if nesterov else buf)
+    return directions
+
+
+def block_shape(shape: tuple[int, int], blocks: tuple[int, int]) -> tuple[int, int]:
+    return shape[0] // blocks[0], shape[1] // blocks[1]
 
 
 def to_blocks(x: Tensor, blocks: tuple[int, int]) -> Tensor:
@@ -157,16 +135,17 @@ def from_blocks(x: Tensor, blocks: tuple[int, int]) -> Tensor:
     return x.unflatten(0, (r, c)).transpose(1, 2).flatten(2, 3).flatten(0, 1)
 
 
-def block_shape(shape: tuple[int, int], blocks: tuple[int, int]) -> tuple[int, int]:
-    return shape[0] // blocks[0], shape[1] // blocks[1]
+def as_wide(x: Tensor) -> Tensor:
+    """A matrix or batch of matrices on its wide side (A <= B)."""
+    return x.mT if x.size(-2) > x.size(-1) else x
 
 
 def orthogonalize(directions: list[Tensor], blocks: list[tuple[int, int]], coefficients: str, ns_steps: int,
                   ns_dtype: torch.dtype) -> list[Tensor]:
-    """Newton-Schulz on every block of every direction in one batch: each block (its wide side,
-    A <= B) is orthogonalised as its own matrix, so all blocks must share one wide shape. Returns
-    each direction's update in its own shape, in ns_dtype."""
-    pieces = [_as_wide(to_blocks(d, b)) for d, b in zip(directions, blocks)]
+    """Newton-Schulz on every block of every direction in one batch: each block (on its wide side)
+    is orthogonalised as its own matrix, so all blocks must share one wide shape. Returns each
+    direction's update in its own shape, in ns_dtype."""
+    pieces = [as_wide(to_blocks(d, b)) for d, b in zip(directions, blocks)]
     orthogonal = newton_schulz(torch.cat(pieces), coefficients, ns_steps, dtype=ns_dtype)
     updates = []
     for d, b, o in zip(directions, blocks, orthogonal.split([len(p) for p in pieces])):
@@ -175,18 +154,12 @@ def orthogonalize(directions: list[Tensor], blocks: list[tuple[int, int]], coeff
     return updates
 
 
-def muon_update(grads: list[Tensor], bufs: list[Tensor], mu, nesterov: bool, blocks: list[tuple[int, int]],
-                coefficients: str, ns_steps: int, ns_dtype: torch.dtype) -> list[Tensor]:
-    """Momentum, then Newton-Schulz of each matrix's blocks (orthogonalize)."""
-    return orthogonalize(momentum_(grads, bufs, mu, nesterov), blocks, coefficients, ns_steps, ns_dtype)
-
-
 def orthogonal_norm(shape: tuple[int, int], blocks: tuple[int, int]) -> float:
     """The Frobenius norm of an exactly orthogonal update cut in these blocks: sqrt(blocks x min side)."""
     return math.sqrt(blocks[0] * blocks[1] * min(block_shape(shape, blocks)))
 
 
-def normuon_(updates: list[Tensor], second_moments: list[Tensor], beta2, eps: float,
+def normuon_(updates: list[Tensor], second_moments: list[Tensor], beta2: float, eps: float,
              norms: list[float]) -> list[Tensor]:
     """NorMuon (Li et al., arXiv 2510.05491): normalise each neuron of each orthogonalised update by
     the root of its running mean square, then restore the update's size.
@@ -199,131 +172,304 @@ def normuon_(updates: list[Tensor], second_moments: list[Tensor], beta2, eps: fl
     (normuon_axis="larger" on a wide W: the larger side, as modded-nanogpt and nanochat do).
     norm is the Frobenius norm of an orthogonal update (orthogonal_norm), so lr_multiplier then
     sizes the step exactly as it does for Muon; with "match_rms_adamw" this is the paper's
-    0.2 lr sqrt(m n) / ||O_hat||_F. beta2: a number, or one 0-dim tensor per matrix (1 leaves v
-    as it is). A common factor of v cancels in the rescaling, so v needs no bias correction.
+    0.2 lr sqrt(m n) / ||O_hat||_F. A common factor of v cancels in the rescaling, so v needs no
+    bias correction.
     """
-    beta2s = beta2 if isinstance(beta2, list) else [beta2] * len(updates)
     normalized = []
-    for o, v, b2, norm in zip(updates, second_moments, beta2s, norms):
+    for o, v, norm in zip(updates, second_moments, norms):
         o = o.float()
         per_row = v.numel() == o.size(0)
-        weight = 1 - b2
-        v.lerp_(o.square().mean(dim=1 if per_row else 0), weight.to(v.dtype) if isinstance(weight, Tensor) else weight)
+        v.lerp_(o.square().mean(dim=1 if per_row else 0), 1 - beta2)
         scale = v.sqrt() + eps
         o_hat = o / (scale[:, None] if per_row else scale[None, :])
         normalized.append(o_hat * (norm / o_hat.norm().clamp_min(eps)))
     return normalized
 
 
-def decay_and_step_(params: list[Tensor], updates: list[Tensor], decays, step_sizes, cautious: bool = False) -> None:
-    """W <- decay W - step_size U, in place, for each matrix W and its update U (W's shape).
-    decays: None (no weight decay) or one per matrix, 1 - lr wd; step_sizes: one per matrix,
-    lr x lr_multiplier. Numbers or tensors alike. cautious (Chen et al., arXiv 2510.12402): decay
-    only the entries where U and W have the same sign, the ones the update already moves toward 0."""
-    for i, (p, u) in enumerate(zip(params, updates)):
+def decay_and_step_(params: list[Tensor], updates: list[Tensor], lr, weight_decay, multipliers: list[float],
+                    cautious: bool = False) -> None:
+    """W <- (1 - lr wd) W - lr m U, in place, for each matrix W, its update U and its lr multiplier
+    m. weight_decay None: no decay. lr and weight_decay: numbers or 0-dim tensors. cautious (Chen et
+    al., arXiv 2510.12402): decay only the entries where U and W have the same sign, the ones the
+    update already moves toward 0."""
+    for p, u, m in zip(params, updates, multipliers):
         u = u.to(p.dtype)
-        if decays is not None:
-            p.mul_(torch.where(u * p >= 0, decays[i], 1.0) if cautious else decays[i])
-        p.sub_(u * step_sizes[i])
+        if weight_decay is not None:
+            decay = 1 - lr * weight_decay
+            p.mul_(torch.where(u * p >= 0, decay, 1.0) if cautious else decay)
+        p.sub_(u * (lr * m))
 
 
-def _bucket_step_(params, grads, bufs, mu, decays, step_sizes, blocks, normuon, cautious, nesterov, coefficients,
-                  ns_steps, ns_dtype):
-    """One process's whole Muon step for a bucket of matrices whose blocks share one shape: what
-    compile=True runs as one graph. normuon: None, or (second_moments, beta2, eps)."""
-    updates = muon_update(grads, bufs, mu, nesterov, blocks, coefficients, ns_steps, ns_dtype)
-    if normuon is not None:
-        second_moments, beta2, eps = normuon
+def muon_update_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                 second_moments: list[Tensor] | None, lr, weight_decay, momentum, *, blocks: tuple, nesterov: bool,
+                 lr_rule: str, ns_coefficients: str, ns_steps: int, ns_dtype: torch.dtype, normuon_beta2: float,
+                 normuon_eps: float, cautious: bool) -> None:
+    """One Muon step of matrices whose blocks share a wide shape: momentum, Newton-Schulz of each
+    block, NorMuon (when second_moments is given), decay and step. The only Muon update there is:
+    every rank runs it on the matrices it owns, eager or as one compiled graph."""
+    directions = momentum_(grads, momentum_buffers, momentum, nesterov)
+    updates = orthogonalize(directions, list(blocks), ns_coefficients, ns_steps, ns_dtype)
+    if second_moments is not None:
         norms = [orthogonal_norm(p.shape, b) for p, b in zip(params, blocks)]
-        updates = normuon_(updates, second_moments, beta2, eps, norms)
-    decay_and_step_(params, updates, decays, step_sizes, cautious)
+        updates = normuon_(updates, second_moments, normuon_beta2, normuon_eps, norms)
+    multipliers = [lr_multiplier(lr_rule, block_shape(p.shape, b)) for p, b in zip(params, blocks)]
+    decay_and_step_(params, updates, lr, weight_decay, multipliers, cautious)
 
 
-def adamw_cautious_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                    steps: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    """AdamW with cautious weight decay: with U = m_hat / (sqrt(v_hat) + eps), as torch's AdamW,
-    W <- W - lr (U + wd 1[U W >= 0] W)."""
-    torch._foreach_add_(steps, 1)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    for p, m, v, t in zip(params, exp_avgs, exp_avg_sqs, steps):
-        u = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
-        decay_and_step_([p], [u], [1 - lr * weight_decay] if weight_decay else None, [lr], cautious=True)
+def cautious_adamw_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                           exp_avg_sqs: list[Tensor], steps: list[Tensor], lr, weight_decay, *,
+                           betas: tuple[float, float], eps: float) -> None:
+    """AdamW (Loshchilov & Hutter) with cautious weight decay, in place: m and v as
+    torch.optim.AdamW keeps them, W <- W - lr (U + wd 1[U W >= 0] W), U = m_hat / (sqrt(v_hat) + eps)."""
+    beta1, beta2 = betas
+    updates = []
+    for g, m, v, t in zip(grads, exp_avgs, exp_avg_sqs, steps):
+        t.add_(1)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denominator = v.sqrt() / (1 - beta2 ** t).sqrt() + eps
+        updates.append(m / ((1 - beta1 ** t) * denominator))
+    decay_and_step_(params, updates, lr, weight_decay, [1.0] * len(params), cautious=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# The optimizer: who computes which update
+# Who owns which matrix, and how gradients and weights travel
+
+
+def ns_flops(shape: tuple[int, int], steps: int) -> int:
+    """Multiply-add FLOPs of Newton-Schulz on one (A, B) matrix, worked on its wide side (A <= B):
+    per step X X^T (2 A^2 B), S S (2 A^3) and (b S + c S^2) X (2 A^2 B)."""
+    A, B = sorted(shape)
+    return steps * (4 * A * A * B + 2 * A ** 3)
+
+
+def plan_owners(costs: list[int], world: int) -> list[int]:
+    """The rank that updates each matrix, given each one's Newton-Schulz FLOPs: longest-processing-
+    time first, so the ranks' work is balanced (a 3072 x 768 matrix costs 6x a 768 x 768 one)."""
+    load, owner = [0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += costs[i]
+    return owner
+
+
+def make_buckets(params: tuple[Tensor], blocks: tuple[tuple[int, int]], ns_steps: int, kind: type, rank: int,
+                 world: int, process_group=None) -> list["Bucket"]:
+    """The matrices in buckets of one wide block shape (and dtype and device), each with its owner;
+    the owners balance Newton-Schulz FLOPs over the whole list."""
+    costs = [b[0] * b[1] * ns_flops(block_shape(p.shape, b), ns_steps) for p, b in zip(params, blocks)]
+    owners = plan_owners(costs, world)
+    same_shape = {}
+    for i, (p, b) in enumerate(zip(params, blocks)):
+        same_shape.setdefault((tuple(sorted(block_shape(p.shape, b))), p.dtype, p.device), []).append(i)
+    return [kind([params[i] for i in ids], [blocks[i] for i in ids], [owners[i] for i in ids], rank, world,
+                 process_group) for ids in same_shape.values()]
+
+
+class Bucket:
+    """Matrices of one Muon group whose blocks share a wide shape (one batched Newton-Schulz), each
+    owned by one rank of a process group: the owner alone keeps a matrix's state and runs its
+    update. The bucket moves the gradients to the owners and the new weights back, as a
+    reduce-scatter and an all-gather of flat buffers, each rank's matrices in a segment of their
+    own. With one rank nothing moves and nothing is copied: the owner updates the parameters from
+    their own .grad. A matrix is updated when its owner holds a gradient for it (every rank
+    must hold the same ones); a rank without one sends zeros."""
+
+    def __init__(self, params: list[Tensor], blocks: list[tuple[int, int]], owners: list[int], rank: int,
+                 world: int, process_group=None):
+        self.params, self.blocks, self.owners = params, blocks, owners
+        self.rank, self.world, self.process_group = rank, world, process_group
+        self.owned = [[i for i in range(len(params)) if owners[i] == r] for r in range(world)]
+        self.mine = self.owned[rank]
+        self.segment = max(sum(params[i].numel() for i in owned) for owned in self.owned)
+
+    def send_gradients(self) -> None:
+        if self.world == 1:
+            return
+        device = self.params[0].device
+        flat = torch.zeros(self.world * self.segment, device=device)
+        for r, owned in enumerate(self.owned):
+            self._pack(flat[r * self.segment:], [self.params[i].grad for i in owned], owned)
+        self._summed = torch.empty(self.segment, device=device)
+        self._work = _reduce_scatter_single(self._summed, flat, op=dist.ReduceOp.SUM, group=self.process_group,
+                                            async_op=True)
+
+    def owned_gradients_and_weights(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The mean gradient and the weight of each matrix this rank owns, once they are here."""
+        weights = [self.params[i] for i in self.mine]
+        if self.world == 1:
+            return [p.grad for p in weights], weights
+        self._work.wait()
+        self._summed /= self.world
+        means = self._unpack(self._summed, self.mine)
+        return [g if p.grad is not None else None for g, p in zip(means, weights)], weights
+
+    def send_weights(self) -> None:
+        if self.world == 1:
+            return
+        p = self.params[0]
+        local = torch.zeros(self.segment, device=p.device, dtype=p.dtype)
+        self._pack(local, [self.params[i] for i in self.mine], self.mine)
+        self._gathered = torch.empty(self.world * self.segment, device=p.device, dtype=p.dtype)
+        self._work = _all_gather_single(self._gathered, local, group=self.process_group, async_op=True)
+
+    def receive_weights(self) -> None:
+        if self.world == 1:
+            return
+        self._work.wait()
+        for r, owned in enumerate(self.owned):
+            if r != self.rank:
+                for i, weight in zip(owned, self._unpack(self._gathered[r * self.segment:], owned)):
+                    self.params[i].copy_(weight)
+
+    def _pack(self, flat: Tensor, tensors: list[Tensor | None], indices: list[int]) -> None:
+        start = 0
+        for i, t in zip(indices, tensors):
+            n = self.params[i].numel()
+            if t is not None:
+                flat[start:start + n].copy_(t.flatten())
+            start += n
+
+    def _unpack(self, flat: Tensor, indices: list[int]) -> list[Tensor]:
+        sizes = [self.params[i].numel() for i in indices]
+        return [piece.view(self.params[i].shape) for i, piece in zip(indices, flat[:sum(sizes)].split(sizes))]
+
+
+class ShardedBucket(Bucket):
+    """The adapter for FSDP2's DTensor parameters (rows sharded over a 1-D mesh, fully_shard's
+    layout), whose gradients FSDP has already averaged: each matrix's gradient and weight rows
+    are gathered whole on its owner, which runs the same update, and the new rows are scattered
+    back to the ranks that hold them."""
+
+    def send_gradients(self) -> None:
+        self._works, self._gathered = [], []
+        for i, p in enumerate(self.params):
+            local = p.to_local()
+            grad = p.grad.to_local() if p.grad is not None else torch.zeros_like(local)
+            rows = self._chunk_rows(p)  # torch.chunk's: every rank's piece padded to the first's rows
+            piece = torch.zeros(rows, 2 * p.size(1), device=local.device, dtype=local.dtype)
+            piece[:len(local)] = torch.cat([grad, local], dim=1)
+            gathered = [torch.empty_like(piece) for _ in range(self.world)] if self.owners[i] == self.rank else None
+            self._gathered.append(gathered)
+            self._works.append(dist.gather(piece, gathered, dst=self._global(self.owners[i]),
+                                           group=self.process_group, async_op=True))
+
+    def owned_gradients_and_weights(self) -> tuple[list[Tensor], list[Tensor]]:
+        for work in self._works:
+            work.wait()
+        whole = [torch.cat(self._gathered[i])[:self.params[i].size(0)] for i in self.mine]
+        self._weights = [w[:, self.params[i].size(1):] for i, w in zip(self.mine, whole)]
+        grads = [w[:, :self.params[i].size(1)] for i, w in zip(self.mine, whole)]
+        return [g if self.params[i].grad is not None else None for i, g in zip(self.mine, grads)], self._weights
+
+    def send_weights(self) -> None:
+        new_rows = dict(zip(self.mine, self._weights))
+        self._works, self._received = [], []
+        for i, p in enumerate(self.params):
+            rows = self._chunk_rows(p)
+            received = torch.empty(rows, p.size(1), device=p.to_local().device, dtype=p.dtype)
+            pieces = None
+            if i in new_rows:
+                padded = torch.zeros(rows * self.world, p.size(1), device=received.device, dtype=p.dtype)
+                padded[:p.size(0)] = new_rows[i]
+                pieces = list(padded.split(rows))
+            self._received.append(received)
+            self._works.append(dist.scatter(received, pieces, src=self._global(self.owners[i]),
+                                            group=self.process_group, async_op=True))
+
+    def receive_weights(self) -> None:
+        for p, work, received in zip(self.params, self._works, self._received):
+            work.wait()
+            local = p.to_local()
+            local.copy_(received[:len(local)])
+
+    def _chunk_rows(self, p: Tensor) -> int:
+        return -(-p.size(0) // self.world)
+
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.process_group, group_rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer
+
+
+NORMUON_AXES = ("rows", "larger")  # normuon_axis: W's rows (the paper), or the larger side's neurons
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for groups with use_muon=True (the default), AdamW for groups with use_muon=False.
 
-    Options of the update, each per group and off by default:
+    Group options, defaulting to the constructor's: lr (a number or a one-element tensor),
+    weight_decay; Muon's momentum, nesterov, ns_steps, ns_coefficients ("classic" or
+    "polar_express"), ns_dtype, lr_rule ("original" or "match_rms_adamw": Moonlight's, which gives
+    Muon's update AdamW's RMS so one lr and wd serve both); AdamW's betas and eps; and the options
+    of the update, each off by default:
 
-    - normuon: NorMuon's per-neuron normalisation of the orthogonalised update (normuon_), with
-      its own normuon_beta2 and normuon_eps; normuon_axis "rows" (the paper: W's rows) or
-      "larger" (modded-nanogpt, nanochat: the larger side's neurons).
-    - cautious_weight_decay: decay only where update and weight share a sign, in Muon and AdamW
-      groups alike (decay_and_step_, adamw_cautious_).
-    - blocks, a group key: one (row_blocks, col_blocks) per parameter, e.g. (n_heads, 1) for a
-      query projection, (1, n_heads) for an attention output: each block is orthogonalised as its
-      own matrix, and its lr_multiplier is the block's. Absent, or (1, 1): the whole matrix.
+    - normuon (normuon_beta2, normuon_eps, normuon_axis): NorMuon's per-neuron normalisation of the
+      orthogonalised update; axis "rows" (the paper: W's rows) or "larger" (modded-nanogpt, nanochat).
+    - cautious_weight_decay: decay only where update and weight share a sign, Muon and AdamW alike.
+    - blocks: one (row_blocks, col_blocks) per parameter, e.g. (n_heads, 1) for a query projection,
+      (1, n_heads) for an attention output; each block is orthogonalised as its own matrix, with
+      its own lr_multiplier. Absent, or (1, 1): the whole matrix.
 
-    Every path below runs the same functions (momentum_, orthogonalize, normuon_, decay_and_step_);
-    they differ only in who computes which matrix's update:
+    How it runs, the same maths everywhere:
 
-    - one process: the matrices whose blocks share a shape (tall ones transposed to wide) are one
-      bucket, one batched Newton-Schulz. compile=True runs each bucket's whole step as one
-      torch.compile graph (static shapes, fullgraph; lr and momentum enter as tensors, so the
-      schedule never recompiles it).
-    - torch.distributed (auto-detected, or distributed=True/False): the Muon gradients are each
-      rank's own, so leave the Muon parameters out of DDP. Each matrix has one owner rank
-      (plan_owners); a reduce-scatter hands every owner the mean gradient of its matrices, the
-      owner alone keeps their momentum and NorMuon state (1/world of Muon's state per rank) and
-      computes their updates, and an all-gather of the updates (in ns_dtype) lets every rank apply
-      every update, so all ranks hold the same weights. state_dict() is then a collective: every
-      rank must call it, and each gets the full state. AdamW groups expect gradients already
-      averaged (DDP).
-    - DTensor parameters (FSDP2's fully_shard): momentum stays sharded; each update is gathered
-      whole for Newton-Schulz, and each rank keeps its shard's rows. NorMuon's vector (one number
-      per neuron) is kept whole on every rank.
+    - compile=True: each bucket's muon_update_ (and cautious AdamW) is one torch.compile graph; lr,
+      weight decay and momentum enter as tensors, so schedules never recompile it.
+    - torch.distributed (auto-detected, or distributed=True/False): leave the Muon parameters out
+      of DDP, their gradients are each rank's own. Each matrix has one owner rank (plan_owners).
+      A step sends every bucket's gradients to their owners (reduce-scatter) before computing any
+      update, then updates each bucket as soon as its gradients are in and sends its new weights
+      out at once (all-gather): communication runs under the next bucket's Newton-Schulz. Only the
+      owner keeps a matrix's state; state_dict() is then a collective that returns all of it.
+      AdamW groups expect gradients already averaged (DDP).
+    - DTensor parameters (FSDP2's fully_shard on a 1-D mesh): the same owners and update, each
+      matrix's rows gathered on its owner and scattered back (ShardedBucket).
     """
 
-    def __init__(
-        self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-        nesterov: bool = True, ns_steps: int = 5, ns_coefficients: str = "classic",
-        lr_rule: str = "match_rms_adamw", betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8, ns_dtype: torch.dtype = torch.bfloat16, normuon: bool = False,
-        normuon_beta2: float = 0.95, normuon_eps: float = 1e-8, normuon_axis: str = "rows",
-        cautious_weight_decay: bool = False, compile: bool = False, distributed: bool | None = None,
-    ):
-        if lr < 0 or weight_decay < 0:
-            raise ValueError(f"lr={lr} and weight_decay={weight_decay} must be >= 0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum={momentum}: expected 0 <= momentum < 1")
-        if not 0 <= normuon_beta2 < 1 or normuon_eps <= 0:
-            raise ValueError(f"normuon_beta2={normuon_beta2}, normuon_eps={normuon_eps}: expected 0 <= beta2 < 1, eps > 0")
-        if normuon_axis not in NORMUON_AXES:
-            raise ValueError(f"normuon_axis={normuon_axis!r}: expected one of {NORMUON_AXES}")
-        lr_multiplier(lr_rule, torch.Size((1, 1)))
-        ns_schedule(ns_coefficients, ns_steps)
-        defaults = dict(
-            lr=lr, weight_decay=weight_decay, use_muon=True, momentum=momentum, nesterov=nesterov,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, lr_rule=lr_rule,
-            betas=betas, eps=eps, normuon=normuon, normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
-            normuon_axis=normuon_axis, cautious_weight_decay=cautious_weight_decay,
-        )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            if group["use_muon"]:
-                _check_matrices(group)
-        self.compile = compile
+    def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, ns_coefficients: str = "classic",
+                 lr_rule: str = "match_rms_adamw", betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 ns_dtype: torch.dtype = torch.bfloat16, normuon: bool = False, normuon_beta2: float = 0.95,
+                 normuon_eps: float = 1e-8, normuon_axis: str = "rows", cautious_weight_decay: bool = False,
+                 compile: bool = False, distributed: bool | None = None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, use_muon=True, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, lr_rule=lr_rule,
+                        betas=betas, eps=eps, normuon=normuon, normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
+                        normuon_axis=normuon_axis, cautious_weight_decay=cautious_weight_decay)
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.distributed = distributed
-        self._scalars: dict[tuple, dict[str, Tensor]] = {}  # per bucket, the compiled step's 0-dim inputs
-        self._plans: dict[tuple, dict] = {}  # per group, the owner plan of the distributed step
+        # How the optimizer runs, not what it computes: attributes, not group options.
+        self.compile, self.distributed = compile, distributed
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    def __getstate__(self):  # copies and pickles keep how the optimizer runs
+        return {**super().__getstate__(), "compile": self.compile, "distributed": self.distributed}
+
+    def __setstate__(self, state):
+        """Also how load_state_dict ends: a group saved before an option existed gets the option's
+        default, and an AdamW step saved as a number becomes a tensor again."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "differentiable":  # torch's Optimizer adds it to defaults for its own use
+                    group.setdefault(key, value)
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if step is not None and not torch.is_tensor(step):
+                    self.state[p]["step"] = torch.tensor(float(step), device=p.device)
+        self._reset_caches()
+
+    def _reset_caches(self):
+        self._buckets: dict[int, list[Bucket]] = {}  # per Muon group
+        self._adamw: dict[int, torch.optim.AdamW] = {}  # per plain AdamW group: torch's, on this state
+        self._slots: dict[tuple, dict[str, Tensor]] = {}  # per group and device: compiled steps' 0-dim inputs
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -332,242 +478,127 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            _check_gradients(group)
             if not group["use_muon"]:
                 self._adamw_step(group)
-                continue
-            sharded = [p for p in group["params"] if isinstance(p, DTensor)]
-            plain = [p for p in group["params"] if not isinstance(p, DTensor)]
-            if sharded:
-                self._sharded_step(sharded, group)
-            if plain and self.distributed:
-                self._owner_step(plain, group)
-            elif plain:
-                self._local_step(plain, group)
+        work = [(group, bucket) for group in self.param_groups if group["use_muon"] for bucket in self._plan(group)]
+        for _, bucket in work:  # every gradient on its way to its owner before any update is computed
+            bucket.send_gradients()
+        for group, bucket in work:  # each bucket's update as soon as its gradients are in, its weights sent at once
+            self._muon_step(group, bucket)
+            bucket.send_weights()
+        for _, bucket in work:
+            bucket.receive_weights()
         return loss
 
-    def _state_tensor(self, p: Tensor, key: str, group: dict) -> Tensor:
-        """p's momentum_buffer or second_moment (NorMuon's), zeros on first use."""
-        state = self.state[p]
-        if key == "momentum_buffer" and key not in state:
-            state[key] = torch.zeros_like(p, dtype=torch.float32)  # a DTensor p's is sharded as p
-        elif key not in state:
-            state[key] = torch.zeros(_state_shape(key, p, group), dtype=torch.float32, device=p.device)
-        return state[key]
-
-    def _ns_args(self, group: dict) -> tuple:
-        return group["ns_coefficients"], group["ns_steps"], group["ns_dtype"]
-
-    def _blocks(self, params: list[Tensor], group: dict) -> list[tuple[int, int]]:
-        return [_blocks_of(group).get(id(p), (1, 1)) for p in params]
-
-    def _step_sizes(self, params: list[Tensor], group: dict) -> list[float]:
-        return [group["lr"] * lr_multiplier(group["lr_rule"], block_shape(p.shape, b))
-                for p, b in zip(params, self._blocks(params, group))]
-
-    def _normuon(self, params: list[Tensor], group: dict, beta2=None) -> tuple | None:
-        """normuon_'s inputs (second moments, beta2, eps) for these matrices, or None when off."""
-        if not group["normuon"]:
-            return None
-        seconds = [self._state_tensor(p, "second_moment", group) for p in params]
-        return seconds, group["normuon_beta2"] if beta2 is None else beta2, group["normuon_eps"]
-
-    # -- one process ------------------------------------------------------------------------------
-
-    def _local_step(self, params: list[Tensor], group: dict) -> None:
-        with_grad = [p for p in params if p.grad is not None]
-        for indices in _buckets_by_block_shape(with_grad, self._blocks(with_grad, group)):
-            bucket = [with_grad[i] for i in indices]
-            grads = [p.grad for p in bucket]
-            bufs = [self._state_tensor(p, "momentum_buffer", group) for p in bucket]
-            blocks, normuon = tuple(self._blocks(bucket, group)), self._normuon(bucket, group)
-            options = (blocks, normuon, group["cautious_weight_decay"], group["nesterov"], *self._ns_args(group))
-            if not self.compile:
-                decays = [1 - group["lr"] * group["weight_decay"]] * len(bucket) if group["weight_decay"] else None
-                _bucket_step_(bucket, grads, bufs, group["momentum"], decays, self._step_sizes(bucket, group), *options)
-                continue
-            # Persistent 0-dim (and per-matrix) tensors, refilled each step: no host-device copy
-            # to wait for, and values are not guarded on, so the schedule never recompiles.
-            key = (id(group), tuple(id(p) for p in bucket))
-            if key not in self._scalars:
-                device = bucket[0].device
-                self._scalars[key] = dict(mu=torch.zeros((), device=device), decay=torch.zeros((), device=device),
-                                          step_sizes=torch.zeros(len(bucket), device=device))
-            scalars = self._scalars[key]
-            scalars["mu"].fill_(group["momentum"])
-            scalars["decay"].fill_(1 - group["lr"] * group["weight_decay"])
-            scalars["step_sizes"].copy_(torch.tensor(self._step_sizes(bucket, group)), non_blocking=True)
-            decays = [scalars["decay"]] * len(bucket) if group["weight_decay"] else None
-            _compiled(_bucket_step_)(bucket, grads, bufs, scalars["mu"], decays, scalars["step_sizes"], *options)
-
-    # -- many ranks, one owner per matrix ---------------------------------------------------------
-
-    def _owner_plan(self, params: list[Tensor], group: dict) -> dict:
-        """Who owns which matrix and where each lives in the flat buffers the collectives move."""
-        key = (id(group), tuple(id(p) for p in params))
-        plan = self._plans.get(key)
-        if plan is None:
-            world = dist.get_world_size()
-            owner = plan_owners([tuple(p.shape) for p in params], world, group["ns_steps"])
-            owned = [[i for i in range(len(params)) if owner[i] == r] for r in range(world)]
-            # Each rank's segment: its matrices' elements, then one has-a-gradient flag per matrix.
-            sizes = [sum(params[i].numel() for i in mine) + len(mine) for mine in owned]
-            plan = dict(owner=owner, owned=owned, segment=max(sizes), world=world, rank=dist.get_rank())
-            self._plans[key] = plan
-        return plan
-
-    def _owner_step(self, params: list[Tensor], group: dict) -> None:
-        plan = self._owner_plan(params, group)
-        world, segment = plan["world"], plan["segment"]
-        mine = plan["owned"][plan["rank"]]
-        mean_grads, trained = self._gradients_to_owners(params, plan)
-        # The owner's momentum and Newton-Schulz, batched by block shape. The has-gradient flags
-        # stay on the device: a matrix no rank trained keeps its momentum (mu = 1 on a zero
-        # gradient) and NorMuon state (beta2 = 1), and gets a zero update and no decay, as one
-        # process skips it, with no host sync to find out.
-        updates = torch.zeros(segment, device=mean_grads.device, dtype=group["ns_dtype"])
-        offsets = [0] + list(itertools.accumulate(params[i].numel() for i in mine))
-        owned = [params[i] for i in mine]
-        update_fn = _compiled(muon_update) if self.compile else muon_update
-        for js in _buckets_by_block_shape(owned, self._blocks(owned, group)):
-            ps = [owned[j] for j in js]
-            grads = [mean_grads[offsets[j]:offsets[j + 1]].view(owned[j].shape) for j in js]
-            mus = [torch.where(trained[j], group["momentum"], 1.0) for j in js]
-            bufs = [self._state_tensor(p, "momentum_buffer", group) for p in ps]
-            blocks = self._blocks(ps, group)
-            bucket_updates = update_fn(grads, bufs, mus, group["nesterov"], blocks, *self._ns_args(group))
-            if group["normuon"]:
-                # float64, so that 1 - beta2 rounds to the same float32 weight as one process's number.
-                beta2 = torch.tensor(group["normuon_beta2"], dtype=torch.float64, device=trained.device)
-                normuon = self._normuon(ps, group, [torch.where(trained[j], beta2, 1.0) for j in js])
-                norms = [orthogonal_norm(p.shape, b) for p, b in zip(ps, blocks)]
-                bucket_updates = normuon_(bucket_updates, *normuon, norms)
-            for j, u in zip(js, bucket_updates):
-                updates[offsets[j]:offsets[j + 1]] = (u * trained[j]).flatten()
-        updates[offsets[-1]:offsets[-1] + len(mine)] = trained.to(updates.dtype)
-        gathered = torch.empty(world * segment, device=updates.device, dtype=updates.dtype)
-        _all_gather_single(gathered, updates)
-        # Every rank applies every update, so the weights stay identical everywhere.
-        lr, wd = group["lr"], group["weight_decay"]
-        for r, owned in enumerate(plan["owned"]):
-            base = r * segment
-            sizes = [params[i].numel() for i in owned]
-            flags = gathered[base + sum(sizes):base + sum(sizes) + len(owned)] > 0
-            starts = [base + s for s in itertools.accumulate([0] + sizes)]
-            ps = [params[i] for i in owned]
-            received = [gathered[a:a + p.numel()].view(p.shape) for a, p in zip(starts, ps)]
-            decays = [torch.where(flag, 1 - lr * wd, 1.0) for flag in flags] if wd else None
-            decay_and_step_(ps, received, decays, self._step_sizes(ps, group), group["cautious_weight_decay"])
-
-    def _gradients_to_owners(self, params: list[Tensor], plan: dict) -> tuple[Tensor, Tensor]:
-        """Reduce-scatter every rank's gradients to their owners: (this rank's matrices' mean
-        gradients, flat; one bool per matrix, whether any rank had its gradient). A missing
-        gradient travels as zeros with flag 0."""
-        world, segment = plan["world"], plan["segment"]
-        device = params[0].device
-        pieces = []
-        for owned in plan["owned"]:
-            for i in owned:
-                g = params[i].grad
-                pieces.append(g.float().flatten() if g is not None else torch.zeros(params[i].numel(), device=device))
-            pieces.append(torch.tensor([float(params[i].grad is not None) for i in owned], device=device))
-            pieces.append(torch.zeros(segment - sum(params[i].numel() for i in owned) - len(owned), device=device))
-        summed = torch.empty(segment, device=device)
-        _reduce_scatter_single(summed, torch.cat(pieces), op=dist.ReduceOp.SUM)
-        mine = plan["owned"][plan["rank"]]
-        used = sum(params[i].numel() for i in mine)
-        return summed[:used] / world, summed[used:used + len(mine)] > 0
-
-    def state_dict(self):
-        """Under owner sharding, a collective: each rank contributes the state of its matrices and
-        every rank returns the full state, as one process would hold it."""
-        if self.distributed:
-            for group in self.param_groups:
-                plain = [p for p in group["params"] if not isinstance(p, DTensor)]
-                if group["use_muon"] and plain:
-                    for key in ("momentum_buffer", "second_moment") if group["normuon"] else ("momentum_buffer",):
-                        self._gather_state(plain, group, key)
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        if self.distributed:  # keep only the state of the matrices this rank owns
-            for group in self.param_groups:
-                if group["use_muon"]:
-                    plain = [p for p in group["params"] if not isinstance(p, DTensor)]
-                    if plain:
-                        plan = self._owner_plan(plain, group)
-                        for i, p in enumerate(plain):
-                            if plan["owner"][i] != plan["rank"]:
-                                self.state.pop(p, None)
-
-    def _gather_state(self, params: list[Tensor], group: dict, key: str) -> None:
-        """Every rank gets the owners' state[key] of every matrix (all-gather)."""
-        plan = self._owner_plan(params, group)
-        device = params[0].device
-        sizes = [math.prod(_state_shape(key, p, group)) for p in params]
-        mine = plan["owned"][plan["rank"]]
-        pieces = [self.state[params[i]][key].flatten() if key in self.state.get(params[i], {})
-                  else torch.full((sizes[i],), float("nan"), device=device) for i in mine]
-        segment = max(sum(sizes[i] for i in owned) for owned in plan["owned"])
-        local = torch.cat(pieces + [torch.zeros(segment - sum(sizes[i] for i in mine), device=device)])
-        gathered = torch.empty(plan["world"] * segment, device=device)
-        _all_gather_single(gathered, local)
-        for r, owned in enumerate(plan["owned"]):
-            start = r * segment
-            for i in owned:
-                value = gathered[start:start + sizes[i]].view(_state_shape(key, params[i], group))
-                start += sizes[i]
-                if not value.isnan().any():  # nan: the owner has no such state yet
-                    self.state[params[i]][key] = value.clone()
-
-    # -- FSDP2: DTensor parameters ----------------------------------------------------------------
-
-    def _sharded_step(self, params: list[Tensor], group: dict) -> None:
-        """Gradients of DTensor parameters are already averaged (FSDP's reduce-scatter): momentum
-        stays sharded; each update is gathered whole for Newton-Schulz, then re-sharded."""
-        with_grad = [p for p in params if p.grad is not None]
-        if not with_grad:
+    def _muon_step(self, group: dict, bucket: "Bucket") -> None:
+        grads, weights = bucket.owned_gradients_and_weights()
+        trained = [j for j, g in enumerate(grads) if g is not None]
+        if not trained:
             return
-        bufs = [self._state_tensor(p, "momentum_buffer", group) for p in with_grad]
-        directions = momentum_([p.grad for p in with_grad], bufs, group["momentum"], group["nesterov"])
-        blocks = self._blocks(with_grad, group)
-        normuon = self._normuon(with_grad, group)
-        updates = []
-        for i, (p, d) in enumerate(zip(with_grad, directions)):
-            u = orthogonalize([d.full_tensor()], [blocks[i]], *self._ns_args(group))
-            if normuon is not None:
-                second_moment, beta2, eps = normuon
-                u = normuon_(u, [second_moment[i]], beta2, eps, [orthogonal_norm(p.shape, blocks[i])])
-            replicated = DTensor.from_local(u[0], p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
-            updates.append(replicated.redistribute(p.device_mesh, p.placements))
-        decays = [1 - group["lr"] * group["weight_decay"]] * len(with_grad) if group["weight_decay"] else None
-        decay_and_step_(with_grad, updates, decays, self._step_sizes(with_grad, group), group["cautious_weight_decay"])
-
-    # -- AdamW ------------------------------------------------------------------------------------
+        params = [bucket.params[bucket.mine[j]] for j in trained]
+        update = _compiled(muon_update_) if self.compile else muon_update_
+        update([weights[j] for j in trained], [grads[j] for j in trained],
+               [self._state(p, "momentum_buffer", group) for p in params],
+               [self._state(p, "second_moment", group) for p in params] if group["normuon"] else None,
+               *self._hyperparameters(group, params[0].device, ("lr", "weight_decay", "momentum")),
+               blocks=tuple(bucket.blocks[bucket.mine[j]] for j in trained), nesterov=group["nesterov"],
+               lr_rule=group["lr_rule"], ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
+               ns_dtype=group["ns_dtype"], normuon_beta2=group["normuon_beta2"], normuon_eps=group["normuon_eps"],
+               cautious=group["cautious_weight_decay"])
 
     def _adamw_step(self, group: dict) -> None:
+        """torch.optim.AdamW's fused kernel (one pass over each tensor; foreach for DTensors), or with
+        cautious weight decay cautious_adamw_update_; both keep the same state: step, exp_avg, exp_avg_sq."""
+        if not group["cautious_weight_decay"]:
+            if id(group) not in self._adamw:
+                plain = not any(isinstance(p, DTensor) for p in group["params"])
+                self._adamw[id(group)] = torch.optim.AdamW(group["params"], fused=plain or None,
+                                                           foreach=None if plain else True)
+                self._adamw[id(group)].state = self.state  # it reads and writes this optimizer's state
+            adamw = self._adamw[id(group)]
+            adamw.param_groups[0].update({key: group[key] for key in ("lr", "weight_decay", "betas", "eps")})
+            _without_hooks(torch.optim.AdamW.step)(adamw)  # the step hooks that run are this optimizer's
+            return
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
         for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+            if "step" not in self.state[p]:
+                self.state[p].update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
-        beta1, beta2 = group["betas"]
-        moments = [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        if group["cautious_weight_decay"]:
-            adamw_cautious_(params, *moments, [s["step"] for s in states], group["lr"], beta1, beta2, group["eps"],
-                            group["weight_decay"])
-            return
-        fused = not any(isinstance(p, DTensor) for p in params)  # the fused kernel takes plain tensors
-        adamw_functional(
-            params, *moments, [], [s["step"] for s in states],
-            fused=fused, foreach=not fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-        )
+        update = _compiled(cautious_adamw_update_) if self.compile else cautious_adamw_update_
+        update(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+               [s["step"] for s in states], *self._hyperparameters(group, params[0].device, ("lr", "weight_decay")),
+               betas=group["betas"], eps=group["eps"])
+
+    def _hyperparameters(self, group: dict, device: torch.device, keys: tuple[str, ...]) -> list:
+        """The group's values of keys as the update functions take them: weight decay 0 as None (no
+        decay pass); under compile, copied into persistent 0-dim device tensors, so a schedule that
+        changes them every step neither recompiles a graph nor waits for the device."""
+        values = [group[key].reshape(()) if torch.is_tensor(group[key]) else group[key] for key in keys]
+        if self.compile:
+            slots = self._slots.setdefault((id(group), device), {})
+            for key, value in zip(keys, values):
+                slot = slots.setdefault(key, torch.zeros((), device=device))
+                slot.copy_(value) if torch.is_tensor(value) else slot.fill_(value)
+            values = [slots[key] for key in keys]
+        no_decay = not torch.is_tensor(group["weight_decay"]) and group["weight_decay"] == 0
+        return [None if key == "weight_decay" and no_decay else value for key, value in zip(keys, values)]
+
+    def _state(self, p: Tensor, key: str, group: dict) -> Tensor:
+        """The owner's momentum_buffer (p's whole shape) or NorMuon second_moment of p, fp32, zeros at first."""
+        if key not in self.state[p]:
+            rows, cols = p.shape
+            shape = ((rows, cols) if key == "momentum_buffer" else
+                     (rows,) if group["normuon_axis"] == "rows" or rows >= cols else (cols,))
+            self.state[p][key] = torch.zeros(shape, dtype=torch.float32, device=_local(p).device)
+        return self.state[p][key]
+
+    def _plan(self, group: dict) -> list["Bucket"]:
+        """The group's buckets: plain tensors over the default process group when distributed (else
+        one rank), DTensors over their mesh."""
+        if id(group) not in self._buckets:
+            by_mesh = {}
+            for p, blocks in zip(group["params"], _blocks(group)):
+                by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append((p, blocks))
+            self._buckets[id(group)] = []
+            for mesh, members in by_mesh.items():
+                if mesh is not None:
+                    where = (ShardedBucket, mesh.get_local_rank(), mesh.size(), mesh.get_group())
+                elif self.distributed:
+                    where = (Bucket, dist.get_rank(), dist.get_world_size(), None)
+                else:
+                    where = (Bucket, 0, 1, None)
+                self._buckets[id(group)] += make_buckets(*zip(*members), group["ns_steps"], *where)
+        return self._buckets[id(group)]
+
+    def state_dict(self):
+        """Under owner sharding a collective, every rank must call it: each contributes its matrices'
+        state and gets the whole state back, as one process holds it (then keeps only its own)."""
+        borrowed = []
+        for bucket in [b for g in self.param_groups if g["use_muon"] for b in self._plan(g) if b.world > 1]:
+            mine = {i: {k: v.cpu() for k, v in self.state[bucket.params[i]].items()}
+                    for i in bucket.mine if bucket.params[i] in self.state}
+            everyone = [None] * bucket.world
+            dist.all_gather_object(everyone, mine, group=bucket.process_group)
+            for rank, theirs in enumerate(everyone):
+                for i, state in theirs.items() if rank != bucket.rank else ():
+                    p = bucket.params[i]
+                    self.state[p] = {k: v.to(_local(p).device) for k, v in state.items()}
+                    borrowed.append(p)
+        state_dict = super().state_dict()
+        for p in borrowed:
+            del self.state[p]
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # under owner sharding each rank keeps its own matrices' state
+            for bucket in self._plan(group) if group["use_muon"] else ():
+                for i in set(range(len(bucket.params))) - set(bucket.mine):
+                    self.state.pop(bucket.params[i], None)
 
 
 # torch 2.13 renamed the *_tensor collectives (deprecated since) to *_single.
@@ -577,82 +608,100 @@ _COMPILED = {}
 
 
 def _compiled(fn):
-    """fn under torch.compile, built once per process: static shapes, one graph, one per bucket shape."""
+    """fn under torch.compile, built once per process: static shapes, one graph per bucket or group."""
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
     return _COMPILED[fn]
 
 
-def _check_matrices(group: dict) -> None:
+def _without_hooks(step):
+    """An optimizer class's step without the wrapper in which torch runs the step hooks."""
+    return getattr(step, "__wrapped__", step)
+
+
+def _check_group(group: dict) -> None:
+    """A ValueError naming what is wrong with a group's options or parameters."""
+    lr = group["lr"]
+    if torch.is_tensor(lr) and lr.numel() != 1:
+        raise ValueError(f"lr has shape {tuple(lr.shape)}: a tensor lr must have one element")
+    for key in ("lr", "weight_decay", "eps", "normuon_eps"):
+        if not 0 <= float(group[key]) < math.inf:
+            raise ValueError(f"{key}={group[key]}: expected a finite number >= 0")
+    for key, value in [("momentum", group["momentum"]), ("normuon_beta2", group["normuon_beta2"]),
+                       *zip(("betas[0]", "betas[1]"), group["betas"])]:
+        if not 0 <= value < 1:
+            raise ValueError(f"{key}={value}: expected a number in [0, 1)")
+    if group["normuon_axis"] not in NORMUON_AXES:
+        raise ValueError(f"normuon_axis={group['normuon_axis']!r}: expected one of {NORMUON_AXES}")
+    lr_multiplier(group["lr_rule"], (1, 1))
+    ns_schedule(group["ns_coefficients"], group["ns_steps"])
     names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
-    blocks = group.get("blocks")
-    if blocks is not None and len(blocks) != len(group["params"]):
-        raise ValueError(f"blocks has {len(blocks)} entries for {len(group['params'])} parameters: give one "
-                         "(row_blocks, col_blocks) per parameter, (1, 1) for a whole matrix")
-    for i, (name, p) in enumerate(zip(names, group["params"])):
+    if len(_blocks(group)) != len(group["params"]):
+        raise ValueError(f"blocks has {len(group['blocks'])} entries for {len(group['params'])} parameters: give "
+                         "one (row_blocks, col_blocks) per parameter, (1, 1) for a whole matrix")
+    for name, p, (r, c) in zip(names, group["params"], _blocks(group)):
+        if p.is_complex():
+            raise ValueError(f"parameter {name} is complex ({p.dtype}): muon.Muon takes real parameters; "
+                             "optimize torch.view_as_real of it instead")
+        if not group["use_muon"]:
+            continue
         if p.ndim != 2:
-            raise ValueError(
-                f"Muon got parameter {name} of shape {tuple(p.shape)}: Muon takes 2-D matrices only; "
-                "put it in a group with use_muon=False (AdamW)"
-            )
-        r, c = blocks[i] if blocks is not None else (1, 1)
+            raise ValueError(f"Muon got parameter {name} of shape {tuple(p.shape)}: Muon takes 2-D matrices only; "
+                             "put it in a group with use_muon=False (AdamW)")
         if r < 1 or c < 1 or p.size(0) % r or p.size(1) % c:
             raise ValueError(f"blocks {(r, c)} for parameter {name} of shape {tuple(p.shape)}: expected counts "
                              "that divide its rows and columns")
+        if isinstance(p, DTensor) and (p.device_mesh.ndim != 1 or p.placements != (Shard(0),)):
+            raise ValueError(f"parameter {name} is a DTensor placed {p.placements} on a {p.device_mesh.ndim}-D mesh: "
+                             "Muon takes rows sharded on a 1-D mesh (fully_shard's layout)")
 
 
-def _blocks_of(group: dict) -> dict[int, tuple[int, int]]:
-    """id(parameter) -> (row_blocks, col_blocks), from the group's optional "blocks" list."""
-    blocks = group.get("blocks")
-    return {} if blocks is None else {id(p): tuple(b) for p, b in zip(group["params"], blocks)}
+def _check_gradients(group: dict) -> None:
+    for p in group["params"]:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError(f"a parameter of shape {tuple(p.shape)} has a sparse gradient: muon.Muon takes dense ones")
 
 
-NORMUON_AXES = ("rows", "larger")  # normuon_axis: W's rows (the paper), or the larger side's neurons
+def _blocks(group: dict) -> list[tuple[int, int]]:
+    return [tuple(b) for b in group.get("blocks") or [(1, 1)] * len(group["params"])]
 
 
-def _state_shape(key: str, p: Tensor, group: dict) -> tuple[int, ...]:
-    """momentum_buffer: p's shape; second_moment: one number per neuron (see normuon_)."""
-    if key == "momentum_buffer":
-        return tuple(p.shape)
-    rows, cols = p.shape
-    return (rows,) if group["normuon_axis"] == "rows" or rows >= cols else (cols,)
+def _local(p: Tensor) -> Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
-def _as_wide(x: Tensor) -> Tensor:
-    """A matrix or batch of matrices on its wide side (A <= B)."""
-    return x.mT if x.size(-2) > x.size(-1) else x
+# ----------------------------------------------------------------------------------------------
+# Parameter groups
 
 
-def _buckets_by_block_shape(params: list[Tensor], blocks: list[tuple[int, int]] | None = None) -> list[list[int]]:
-    """Indices of params grouped by the wide shape of their blocks (default: whole matrices; a tall
-    block goes with the wide one it transposes to), device and dtype: each group is one batched
-    Newton-Schulz."""
-    buckets: dict[tuple, list[int]] = {}
-    for i, (p, b) in enumerate(zip(params, blocks or [(1, 1)] * len(params))):
-        shape = tuple(sorted(block_shape(p.shape, b)))
-        buckets.setdefault((shape, p.device, p.dtype), []).append(i)
-    return list(buckets.values())
+PARAMETER_KINDS = ("matrices", "embeddings", "head", "scalars")
 
 
-def hybrid_param_groups(model: torch.nn.Module, adamw_names: tuple[str, ...] = ("lm_head",)) -> list[dict]:
-    """Two groups of named parameters: Muon for hidden 2-D matrices, AdamW for the rest.
+def param_groups(model: torch.nn.Module, head_names: tuple[str, ...] = ("lm_head",), **options: dict) -> list[dict]:
+    """Muon.param_groups for a model: one group per kind of parameter that it has, in this order,
+    each a list of (name, parameter) pairs and every trainable parameter in exactly one:
 
-    AdamW gets every parameter that is not 2-D, every parameter of an nn.Embedding, and every
-    parameter whose name contains one of `adamw_names` (the output head). Set group options
-    (lr, weight_decay, betas, ...) on the returned dicts before building the optimizer.
+    - "matrices": the hidden 2-D weights, Muon (use_muon=True);
+    - "embeddings": every nn.Embedding's weight, AdamW;
+    - "head": the weights whose name contains one of head_names (the output layer), AdamW;
+    - "scalars": every other parameter (norm gains, biases, per-layer scalars), AdamW.
+
+    options: per kind, the group's own settings, e.g. head=dict(lr=0.008), or matrices=dict(use_muon=False)
+    for an AdamW baseline; the rest come from the optimizer's defaults.
     """
-    embedding_params = {
-        id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
-    }
-    muon_params, adamw_params = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_hidden_matrix = (
-            p.ndim == 2 and id(p) not in embedding_params and not any(s in name for s in adamw_names)
-        )
-        (muon_params if is_hidden_matrix else adamw_params).append((name, p))
-    return [dict(params=muon_params, use_muon=True), dict(params=adamw_params, use_muon=False)]
+    unknown = set(options) - set(PARAMETER_KINDS)
+    if unknown:
+        raise ValueError(f"param_groups: unknown kinds {sorted(unknown)}; expected some of {PARAMETER_KINDS}")
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    kinds = {kind: [] for kind in PARAMETER_KINDS}
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for name, p in trained:
+        kind = ("embeddings" if id(p) in embeddings else "head" if any(h in name for h in head_names)
+                else "matrices" if p.ndim == 2 else "scalars")
+        kinds[kind].append((name, p))
+    assert sorted(n for pairs in kinds.values() for n, _ in pairs) == sorted(n for n, _ in trained)
+    return [{"params": pairs, "use_muon": kind == "matrices", **options.get(kind, {})}
+            for kind, pairs in kinds.items() if pairs]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,10 +10,16 @@ reduce-scatter or all-gather (N-1)/N of it.
 - DDP + replicated Muon (this project before owner sharding): DDP all-reduces every gradient in
   fp32; each rank orthogonalises a ceil(n / N) share of every shape bucket and the bf16 results
   are all-gathered (shares padded to equal size); every rank keeps all of Muon's momentum.
-- Owner-sharded Muon (muon.Muon now): DDP all-reduces only the AdamW gradients; the hidden
-  matrices' fp32 gradients are reduce-scattered to their owners (muon.plan_owners, balanced by
-  NS FLOPs) and the bf16 orthogonalised updates all-gathered; each rank keeps the momentum of
-  its own matrices.
+- Owner-sharded Muon, one transfer each way (muon.Muon until 2026-12-06): DDP all-reduces only
+  the AdamW gradients; all the hidden matrices' fp32 gradients are reduce-scattered to their
+  owners (muon.plan_owners, balanced by NS FLOPs) in one buffer, and the bf16 orthogonalised
+  updates all-gathered in one; each rank keeps the momentum of its own matrices.
+- Owner-sharded Muon, per bucket and overlapped (muon.Muon now): the same owners, but one
+  reduce-scatter and one all-gather per bucket of same-shape matrices, so each bucket's
+  transfers run under another bucket's Newton-Schulz; the owner applies the whole update and
+  the new weights (fp32 here, the parameters' dtype) are all-gathered. Each bucket's segments
+  are padded to its busiest rank's share, and the weights travel in fp32 instead of bf16
+  updates: more bytes, hidden under the compute, and every rank gets the owner's weights exactly.
 """
 
 import argparse
@@ -29,8 +35,8 @@ def model_parameters(preset: str) -> tuple[list[tuple[int, int]], int]:
     """(shapes of the hidden matrices, element count of everything AdamW steps), from a meta model."""
     with torch.device("meta"):
         model = GPT(CONFIGS[preset])
-    hidden, others = muon.hybrid_param_groups(model)
-    return [tuple(p.shape) for _, p in hidden["params"]], sum(p.numel() for _, p in others["params"])
+    matrices, *others = muon.param_groups(model)
+    return [tuple(p.shape) for _, p in matrices["params"]], sum(p.numel() for g in others for _, p in g["params"])
 
 
 def replicated_plan(shapes, adamw_numel, world, steps):
@@ -50,13 +56,20 @@ def replicated_plan(shapes, adamw_numel, world, steps):
     return dict(sent=all_reduce + ring * gathered, adamw=adamw, flops=flops, momentum=momentum)
 
 
-def owner_plan(shapes, adamw_numel, world, steps):
+def owner_plan(shapes, adamw_numel, world, steps, per_bucket):
+    """per_bucket: a reduce-scatter and an all-gather per bucket of one wide shape, fp32 weights
+    gathered (now); else one of each for all matrices, has-a-gradient flags and bf16 updates (before)."""
     ring = (world - 1) / world
-    owner = muon.plan_owners(shapes, world, steps)
-    per_rank = [sum(a * b + 1 for (a, b), o in zip(shapes, owner) if o == r) for r in range(world)]
-    segment = max(per_rank)  # each rank's matrices and their has-a-gradient flags, padded to the largest
-    adamw = 2 * ring * 4 * adamw_numel
-    sent = adamw + ring * world * segment * 4 + ring * world * segment * 2
+    owner = muon.plan_owners([muon.ns_flops(s, steps) for s in shapes], world)
+    buckets = {}
+    for i, s in enumerate(shapes):
+        buckets.setdefault(tuple(sorted(s)) if per_bucket else "all", []).append(i)
+    sent = adamw = 2 * ring * 4 * adamw_numel
+    for members in buckets.values():
+        per_rank = [sum(shapes[i][0] * shapes[i][1] + (not per_bucket) for i in members if owner[i] == r)
+                    for r in range(world)]
+        segment = max(per_rank)  # each rank's share of the bucket, padded to the largest
+        sent += ring * world * segment * (4 + (4 if per_bucket else 2))
     flops = [sum(muon.ns_flops(s, steps) for s, o in zip(shapes, owner) if o == r) for r in range(world)]
     momentum = max(4 * sum(a * b for (a, b), o in zip(shapes, owner) if o == r) for r in range(world))
     return dict(sent=sent, adamw=adamw, flops=flops, momentum=momentum)
@@ -71,8 +84,11 @@ def main(argv=None) -> dict:
     shapes, adamw_numel = model_parameters(args.preset)
     print(f"{args.preset}: {len(shapes)} hidden matrices ({sum(a * b for a, b in shapes) / 1e6:.1f}M), "
           f"{adamw_numel / 1e6:.1f}M AdamW elements, {args.world} ranks")
-    plans = {"DDP + replicated Muon (before)": replicated_plan(shapes, adamw_numel, args.world, args.ns_steps),
-             "owner-sharded Muon (now)": owner_plan(shapes, adamw_numel, args.world, args.ns_steps)}
+    plans = {"DDP + replicated Muon": replicated_plan(shapes, adamw_numel, args.world, args.ns_steps),
+             "owner-sharded, one transfer each way (before)": owner_plan(shapes, adamw_numel, args.world,
+                                                                         args.ns_steps, per_bucket=False),
+             "owner-sharded, per bucket, overlapped (now)": owner_plan(shapes, adamw_numel, args.world,
+                                                                       args.ns_steps, per_bucket=True)}
     print("\n| scheme | MB sent per rank per step | of which Muon's matrices | of which AdamW's (DDP) | "
           "NS FLOPs, busiest rank / mean | Muon momentum per rank (MB) |\n|---|---:|---:|---:|---:|---:|")
     for name, plan in plans.items():

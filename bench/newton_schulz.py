@@ -63,13 +63,20 @@ def plot(results: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def stacked_by_shape(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The matrices on their wide side, stacked by shape: one batch for each Newton-Schulz call."""
+    by_shape = {}
+    for m in matrices:
+        by_shape.setdefault(tuple(muon.as_wide(m).shape), []).append(muon.as_wide(m))
+    return [torch.stack(batch) for batch in by_shape.values()]
+
+
 def speed_rows():
     device = torch.device("cuda")
     shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
     grads = [torch.randn(s, device=device) for _ in range(12) for s in shapes]
     flops = sum(muon.ns_flops(tuple(g.shape), 5) for g in grads)
-    buckets = [[grads[i] for i in bucket] for bucket in muon._buckets_by_block_shape(grads)]
-    stacks = [torch.stack([muon._as_wide(g) for g in bucket]) for bucket in buckets]
+    stacks = stacked_by_shape(grads)
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     rows = [("bf16 matmul 8192^3 (the ceiling)", median_ms(lambda: a @ a), 2 * 8192**3)]
     for name in ("classic", "polar_express"):

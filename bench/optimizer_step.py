@@ -23,6 +23,7 @@ import torch
 
 import muon
 import train
+from bench.newton_schulz import stacked_by_shape
 from bench.timing import median_ms
 
 
@@ -71,8 +72,8 @@ def ns_one_at_a_time(matrices, coefficients):
 
 
 def ns_batched(matrices, coefficients):
-    for bucket in muon._buckets_by_block_shape(matrices):
-        muon.newton_schulz(torch.stack([muon._as_wide(matrices[i].grad) for i in bucket]), coefficients)
+    for stack in stacked_by_shape([p.grad for p in matrices]):
+        muon.newton_schulz(stack, coefficients)
 
 
 def main(argv=None):
