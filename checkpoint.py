@@ -1,23 +1,26 @@
-"""What a run leaves on disk, and how it gets back: checkpoints, the run dir, and stopping cleanly.
+"""What a run leaves on disk, and how it gets back: checkpoints, resuming, the run dir, restarts, stopping.
 
     train.run_dir/
-        ckpt_NNNNNN.pt    model, optimizer, step, loader position, RNG states, config, W&B run id
-        metrics.jsonl     every logged scalar (runlog.py)
+        ckpt_NNNNNN.pt    model, optimizer, step, loader position, RNG states, config, W&B run id, completions
+        metrics.jsonl     every logged value (runlog.py)
         .lock             held by the one trainer writing here
 
-Only rank 0 writes. A checkpoint is written to a temporary file and renamed, so a crash leaves
-either the whole file or none; the temporaries of a killed writer are removed at the next start.
-A checkpoint counts as good once a finite training loss has been computed from its weights:
-one written just before a run diverged is renamed *.pt.nonfinite, so `--resume latest` skips it.
+Only rank 0 writes. A checkpoint is written to a temporary file and renamed, so a kill leaves either
+the whole file or none; the temporaries of a killed writer are removed at the next start. A
+checkpoint is verified once a finite training loss has been computed from its weights: one
+written just before a run diverged is renamed *.pt.nonfinite, so `--resume auto` skips it.
 """
 
+import datetime
 import fcntl
 import os
 import random
+import shlex
 import signal
 import socket
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ class RunError(RuntimeError):
 
 
 class NonFiniteLoss(RunError):
-    """A nan or inf training loss or max logit: the run stops, and nothing is saved over the last good checkpoint."""
+    """A nan or inf loss or max logit: the run stops, and nothing is saved over the last verified checkpoint."""
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -63,57 +66,109 @@ def read_checkpoint(path: Path, flag: str = "--resume") -> dict:
     return checkpoint
 
 
-def newest_readable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint in run_dir that reads whole (None if there is none), and a line for
-    each newer one skipped as unreadable (a crash mid-copy, a full disk on another writer)."""
-    skipped = []
+# ----------------------------------------------------------------------------------------------
+# Resuming
+
+
+RESUME_MODES = ("auto", "latest")
+
+
+def resolve_resume(resume: str | None, run_dir: Path, announce: bool) -> Path | None:
+    """The checkpoint that --resume names: a path as given; "latest" the newest checkpoint in
+    run_dir that reads whole (skipping, and naming, newer ones cut short), a ConfigError if there
+    is none; "auto" the same, or None (a fresh start) if there is none."""
+    if resume is None or resume not in RESUME_MODES:
+        return Path(resume) if resume else None
     for step, path in reversed(checkpoints(run_dir)):
         try:
             read_checkpoint(path)
-            return path, skipped
+            return path
         except ConfigError as e:
-            skipped.append(f"skipping {path.name} (step {step}): {str(e).removeprefix(f'--resume {path}: ')}")
-    return None, skipped
+            if announce:
+                print(f"skipping {path.name} (step {step}): {str(e).removeprefix(f'--resume {path}: ')}",
+                      file=sys.stderr)
+    if resume == "latest":
+        raise ConfigError(f"--resume latest: no readable checkpoint (ckpt_*.pt) in train.run_dir = {run_dir}; "
+                          "--resume auto starts the run when there is none (a metrics.jsonl left there is kept "
+                          "aside, not overwritten)")
+    return None
+
+
+# What a resumed run may change and still repeat the original run's numbers exactly.
+REPEATABLE_CHANGES = ("log.", "train.checkpoint_every", "train.target_val_loss", "train.compile_warmup_steps",
+                      "train.dist_timeout_s")
+
+
+def continues_run(changes: list[tuple[str, object, object]]) -> bool:
+    """Whether a run resumed with these config changes since its checkpoint (config.config_changes) is
+    the run that wrote it, going on: the same run dir, and nothing changed that changes the numbers."""
+    return all(key.startswith(REPEATABLE_CHANGES) for key, _, _ in changes)
+
+
+def resume_command(checkpoint: Path, world_size: int) -> str:
+    """The command line that resumes this run from checkpoint (which holds its config)."""
+    if world_size == 1:
+        return f"python train.py --resume {shlex.quote(str(checkpoint))}"
+    # A worker cannot see torchrun's own flags (--nnodes, rendezvous): the user reuses them.
+    return f"the same torchrun launch, with train.py --resume {shlex.quote(str(checkpoint))} (or --resume auto)"
+
+
+def restart_store(world_size: int, timeout: datetime.timedelta):
+    """The process group's store under torchrun, with keys of their own for each restart of the
+    group. torchrun's rendezvous store outlives a worker group it restarts, and with it the dead
+    group's addresses: a new rank that reads a dead peer's address before its successor has
+    written over it cannot connect ("connectFullMesh failed"). None outside torchrun."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return None
+    hosts = os.environ["RANK"] == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=hosts,
+                          timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"train.py/restart_{restart}", store)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, and which of them are known to be good
 
 
 class Checkpoints:
-    """Rank 0's checkpoints of this run, and which of them are known to be good.
+    """Rank 0's checkpoints of this run, and which of them are verified.
 
-    The loss check sees each step's loss from before its update, so the newest checkpoint is
-    unvouched until a finite training loss has been computed from its weights (vouch()); if
-    instead the run diverges first, that checkpoint holds the update that led there (diverged())."""
+    A step's training loss is computed from the weights before its update, so the newest
+    checkpoint is unverified until a finite loss has come from its weights (verify()); if the run
+    diverges first, that checkpoint holds the update that led there (diverged())."""
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.run_dir, self.enabled = run_dir, enabled
-        self.good: tuple[int, Path] | None = None
-        self.unvouched: tuple[int, Path] | None = (checkpoints(run_dir) or [None])[-1] if enabled else None
+        self.verified: tuple[int, Path] | None = None
+        self.unverified: tuple[int, Path] | None = (checkpoints(run_dir) or [None])[-1] if enabled else None
 
     def save(self, step: int, state: dict) -> None:
         path = self.run_dir / f"ckpt_{step:06d}.pt"
         try:
             write_atomically(path, lambda f: torch.save(state, f))  # never half a checkpoint
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            kept = f"{self.unvouched[1]} (step {self.unvouched[0]})" if self.unvouched else "none"
+            kept = f"{self.unverified[1]} (step {self.unverified[0]})" if self.unverified else "none"
             raise RunError(f"could not write the checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                            f"nothing was left half-written; the latest checkpoint is {kept}") from None
-        self.unvouched = (step, path)
+        self.unverified = (step, path)
 
-    def vouch(self) -> None:
+    def verify(self) -> None:
         """A finite loss came from the newest checkpoint's weights: it is good."""
-        if self.unvouched:
-            self.good, self.unvouched = self.unvouched, None
+        if self.unverified:
+            self.verified, self.unverified = self.unverified, None
 
-    def diverged(self, what: str, blame_unvouched: bool = True) -> NonFiniteLoss:
-        """The error for a non-finite value, naming the checkpoint to resume. With blame_unvouched,
-        the unvouched checkpoint holds the weights that produced it: it is renamed *.pt.nonfinite,
-        so that --resume latest takes the good one."""
-        kept = (f"the last good checkpoint is {self.good[1]} (step {self.good[0]})" if self.good
-                else "no checkpoint had been written" if not self.unvouched else "no checkpoint is known to be good")
-        if self.unvouched and blame_unvouched:
-            step, path = self.unvouched
-            poisoned = path.with_name(path.name + ".nonfinite")
-            os.replace(path, poisoned)
-            kept += f"; {path.name} (step {step}) holds the update that led here and was renamed {poisoned.name}"
+    def diverged(self, what: str, newest_is_to_blame: bool = True) -> NonFiniteLoss:
+        """The error for a non-finite value, naming the checkpoint to resume. With newest_is_to_blame,
+        the unverified checkpoint holds the weights that produced it: it is renamed *.pt.nonfinite,
+        so that --resume auto takes the verified one."""
+        kept = (f"the last good checkpoint is {self.verified[1]} (step {self.verified[0]})" if self.verified
+                else "no checkpoint had been written" if not self.unverified else "no checkpoint is known to be good")
+        if self.unverified and newest_is_to_blame:
+            step, path = self.unverified
+            renamed = path.with_name(path.name + ".nonfinite")
+            os.replace(path, renamed)
+            kept += f"; {path.name} (step {step}) holds the update that led here and was renamed {renamed.name}"
         return NonFiniteLoss(f"{what}; stopped without saving this state; {kept}")
 
 
@@ -139,26 +194,33 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # The run dir: one trainer at a time, never over another run's files
 
 
-def claim_run_dir(run_dir: Path, resume_step: int | None, agree: bool = False):
-    """Make run_dir this run's: writable, locked against a second trainer, cleared of temporary
-    files that a killed writer left, and holding nothing a fresh run would write over. Returns
-    the open lock file; the lock holds until release_run_dir or the process's end. With agree
-    (rank 0 of several), the other ranks, in wait_for_run_dir, learn whether it succeeded."""
+@contextmanager
+def claimed_run_dir(run_dir: Path, resume_step: int | None, rank: int, world_size: int):
+    """run_dir as this run's for as long as the block runs. Rank 0 makes it so: writable, locked
+    against a second trainer, cleared of temporary files that a killed writer left, and holding
+    nothing a fresh run would write over; the other ranks wait to hear that it succeeded. A run
+    refused with a ConfigError inside the block leaves no run dir it created behind."""
+    if rank != 0:
+        if world_size > 1 and not _tell_ranks(claimed=True):
+            raise ConfigError("rank 0 could not take train.run_dir (its error says why)")
+        yield
+        return
     try:
         lock = _claim_run_dir(run_dir, resume_step)
     except ConfigError:
-        if agree:
+        if world_size > 1:
             _tell_ranks(claimed=False)
         raise
-    if agree:
+    if world_size > 1:
         _tell_ranks(claimed=True)
-    return lock
-
-
-def wait_for_run_dir(world_size: int) -> None:
-    """On ranks other than 0: wait until rank 0 has claimed the run dir; a ConfigError if it could not."""
-    if world_size > 1 and not _tell_ranks(claimed=True):
-        raise ConfigError("rank 0 could not take train.run_dir (its error says why)")
+    refused = False
+    try:
+        yield
+    except ConfigError:
+        refused = True
+        raise
+    finally:
+        _release_run_dir(lock, wrote_nothing=refused)
 
 
 def _tell_ranks(claimed: bool) -> bool:
@@ -191,7 +253,7 @@ def _claim_run_dir(run_dir: Path, resume_step: int | None):
     try:
         check_run_dir(run_dir, resume_step)
     except ConfigError:
-        release_run_dir(lock, wrote_nothing=True)
+        _release_run_dir(lock, wrote_nothing=True)
         raise
     # Only a lock holder writes checkpoints here, so every temporary checkpoint file is a dead writer's.
     for stale in run_dir.glob(".ckpt_*.tmp"):
@@ -200,7 +262,7 @@ def _claim_run_dir(run_dir: Path, resume_step: int | None):
     return lock
 
 
-def release_run_dir(lock, wrote_nothing: bool) -> None:
+def _release_run_dir(lock, wrote_nothing: bool) -> None:
     """Unlock; a run dir this run created and left empty (a config error found late) is removed."""
     path = Path(lock.name)
     lock.close()
@@ -224,6 +286,25 @@ def check_run_dir(run_dir: Path, resume_step: int | None) -> None:
         os.rename(metrics, kept)
         print(f"{run_dir} holds a run that stopped before its first checkpoint: its {metrics.name} is kept as "
               f"{kept.name}, and this run starts over")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping: when the ranks disagree, and on a signal
+
+
+def check_gradients_match_across_ranks(model: torch.nn.Module) -> None:
+    """Every rank must hold a gradient for the same parameters. One that only some ranks train (a
+    branch taken on some ranks' data) gets different updates on each, and the replicas drift
+    apart without an error: stop the run instead, naming the parameter."""
+    names, params = zip(*model.named_parameters())
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has_grad)
+    world = dist.get_world_size()
+    uneven = [(name, n) for name, n in zip(names, has_grad.tolist()) if 0 < n < world]
+    if uneven:
+        listed = ", ".join(f"{name} ({n} of {world} ranks)" for name, n in uneven[:5])
+        raise RunError(f"parameters with a gradient on some ranks only: {listed}; every rank must use every "
+                       "trained parameter in each step, or the ranks' weights drift apart")
 
 
 class StopSignals:

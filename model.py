@@ -377,17 +377,6 @@ class GPT(nn.Module):
         qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla" else (c.head_dim,) * 2
         return 6 * self.num_params(non_embedding=True) + 6 * c.n_layer * c.n_head * seq_len * (qk + v)
 
-    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """(name, parameter) pairs by the optimizer settings they need: "matrices", the hidden 2-D
-        weights (Muon); "embedding", "head" and "gains" (norm weights), AdamW each, with learning
-        rates orders of magnitude apart."""
-        groups = {"matrices": [], "embedding": [], "head": [], "gains": []}
-        for name, p in self.named_parameters():
-            kind = ("embedding" if name.startswith("wte.") else "head" if name.startswith("lm_head.")
-                    else "matrices" if p.ndim == 2 else "gains")
-            groups[kind].append((name, p))
-        return groups
-
     def choose_attention(self, dtype: torch.dtype) -> str:
         """Fix every layer's attention backend for this run (config sdpa_backend, "auto" resolved by
         choose_sdpa_backend for the model's device) and return its name. Until this is called,

@@ -12,14 +12,16 @@ W&B settings: a log.wandb_* key left "" (or []) leaves the choice to wandb's env
 then defaults to "muon-speedrun" and the name to the run dir's. A missing wandb package or a
 failed wandb.init is a warning: W&B trouble changes what is logged, never the training.
 
-It also measures what some rows hold: the max logits per layer and head, and with
-log.spectrum_every the spectra of the optimizer's first moment and of Muon's orthogonalised update.
+It also measures what some rows hold: training time (TrainClock), the max logits per layer and
+head, and with log.spectrum_every the spectra of the optimizer's first moment and of Muon's
+orthogonalised update.
 """
 
 import inspect
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -151,6 +153,28 @@ def spectrum_metrics(raw_model, optimizer: muon.Muon, names: list[str]) -> dict:
                 update = muon.newton_schulz(moment, group["ns_coefficients"], group["ns_steps"], dtype=group["ns_dtype"])
                 row[f"{key}/update_stable_rank"] = spectrum(update)[0]
     return row
+
+
+class TrainClock:
+    """Seconds spent training: validation, completions and checkpoints are left out, as the speedrun times it."""
+
+    def __init__(self, device: torch.device, total: float = 0.0):
+        self.device, self.total, self.started = device, total, None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        if self.started is None:
+            self._sync()
+            self.started = time.perf_counter()
+
+    def stop(self):
+        if self.started is not None:
+            self._sync()
+            self.total += time.perf_counter() - self.started
+            self.started = None
 
 
 def duration(seconds: float) -> str:

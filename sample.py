@@ -70,8 +70,10 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def complete(model: GPT, tokenizer, prompt: str, args, device: torch.device, bf16: bool) -> list[str]:
-    """args.num_samples completions of prompt (one when greedy)."""
+def complete(model: GPT, tokenizer, prompt: str, greedy: list[bool], max_new_tokens: int, temperature: float,
+             top_k: int, bf16: bool) -> list[str]:
+    """One completion of prompt per entry of greedy (the argmax where True, else sampled at temperature
+    from the top_k tokens, 0 for all), decoded as one batch; used by train.py too."""
     tokens = tokenizer.encode_ordinary(prompt)
     context = model.config.block_size
     if not tokens:
@@ -79,11 +81,11 @@ def complete(model: GPT, tokenizer, prompt: str, args, device: torch.device, bf1
     if len(tokens) > context:  # beyond it generate() would silently drop the prompt's start
         raise ConfigError(f"the prompt {prompt[:20]!r}... is {len(tokens)} tokens, longer than the model's "
                           f"context of {context} tokens (model.block_size); shorten it")
-    rows = 1 if args.greedy else args.num_samples
-    idx = torch.tensor(tokens, dtype=torch.long, device=device).expand(rows, -1)
+    device = model.lm_head.weight.device
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).expand(len(greedy), -1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                             greedy=args.greedy)
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                             greedy=torch.tensor(greedy, device=device))
     return [tokenizer.decode(row[len(tokens):].tolist()) for row in out]
 
 
@@ -118,7 +120,8 @@ def main(argv: list[str]) -> list[tuple[str, list[str]]]:
     torch.manual_seed(args.seed)
     results = []
     for prompt in read_prompts(args):
-        completions = complete(model, tokenizer, prompt, args, device, bf16=cfg.train.bf16 and device.type == "cuda")
+        completions = complete(model, tokenizer, prompt, [args.greedy] * (1 if args.greedy else args.num_samples),
+                               args.max_new_tokens, args.temperature, args.top_k, cfg.train.bf16 and device.type == "cuda")
         results.append((prompt, completions))
         for completion in completions:
             print(f"{prompt}{completion}\n---", flush=True)

@@ -7,25 +7,27 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --config configs/speedrun.toml
     python train.py --config configs/gpu.toml --optim.lr=0.03 --schedule.steps 2000   # any key, typed
 
---resume auto continues from the newest good checkpoint in train.run_dir, or starts the run if
-there is none, and exits at once if the run has finished: a job requeued or restarted with the
-same command (SLURM --requeue, torchrun --max-restarts) picks up where it stopped. --resume latest
+--resume auto continues from the newest good checkpoint in train.run_dir, or starts the run if there
+is none, and exits at once if the run has finished: a job requeued or restarted with the same
+command (SLURM --requeue, torchrun --max-restarts) picks up where it stopped. --resume latest
 insists on a checkpoint; --resume PATH takes one and its saved config. A resumed run repeats the
-uninterrupted run's losses bit for bit. Everything a run writes goes to train.run_dir, from rank 0
-only (checkpoint.py, runlog.py). Under torchrun every rank runs this file; gradient accumulation
-keeps train.batch_tokens per optimizer step whatever the number of ranks.
+uninterrupted run's losses bit for bit. Everything a run writes goes to train.run_dir, from rank 0 only (checkpoint.py, runlog.py). Under
+torchrun every rank runs this file; gradient accumulation keeps train.batch_tokens per optimizer
+step whatever the number of ranks.
+
+Reading order: main (command line, device, run dir); run (build, then the loop: validate, complete
+prompts, checkpoint, train a step, log); then what the loop calls.
 """
 
 import copy
 import datetime
 import math
 import os
-import shlex
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,17 +35,183 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import muon
-from checkpoint import (Checkpoints, RunError, StopSignals, claim_run_dir,
-                        newest_readable_checkpoint, read_checkpoint, release_run_dir, rng_state, set_rng_state,
-                        wait_for_run_dir)
-from config import (Config, ConfigError, ScheduleConfig, build_config, config_help, gpt_config,  # noqa: F401
-                    read_toml, split_argv, validate, validate_tokenizer_keys)
+from checkpoint import (RESUME_MODES, Checkpoints, RunError, StopSignals, check_gradients_match_across_ranks,
+                        claimed_run_dir, continues_run, read_checkpoint, resolve_resume, restart_store,
+                        resume_command, rng_state, set_rng_state)
+from config import (Config, ConfigError, ScheduleConfig, build_config, config_changes, config_help, gpt_config,
+                    muon_options, read_toml, split_argv, validate, validate_tokenizer_keys)
 from data.demo import ensure_demo_shards
-from data.loader import TrainLoader, ValLoader
-from data.shard import read_shard
+from data.loader import TrainLoader, ValLoader, largest_token_ids
 from data.tokenizer import TokenizerDownloadError, get_tokenizer
 from model import GPT
-from runlog import RunLog, attention_metrics, duration, spectrum_metrics, spectrum_names
+from runlog import RunLog, TrainClock, attention_metrics, duration, spectrum_metrics, spectrum_names
+from sample import complete
+
+
+def main(argv: list[str]) -> int:
+    """Train with these command-line arguments; returns the exit code (0 done, 128 + N stopped by signal N)."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cfg, resume_path = load_run_config(argv)
+    tokenizer = load_tokenizer(cfg)
+    grad_accum = validate(cfg, world_size, tokenizer.n_vocab)
+    resumed = read_checkpoint(resume_path) if resume_path else None
+    if resumed and resumed["step"] >= cfg.schedule.steps:
+        if rank == 0:
+            print(f"{resume_path} is step {resumed['step']} of schedule.steps = {cfg.schedule.steps}: the run "
+                  "has finished, nothing to do (raise schedule.steps to train on)")
+        return 0
+    # Every rank joins the group before rank 0's disk work, so a group torchrun restarts meets in time.
+    device = setup_device(world_size, cfg.train.dist_timeout_s)
+    try:
+        with claimed_run_dir(Path(cfg.train.run_dir), resumed["step"] if resumed else None, rank, world_size), \
+                StopSignals(announce=rank == 0) as signals:
+            exit_code = run(cfg, tokenizer, grad_accum, resumed, resume_path, device, rank, world_size, signals)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing: a rank that tears down early can abort its peers
+        return exit_code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg: Config, tokenizer, grad_accum: int, resumed: dict | None, resume_path: Path | None,
+        device: torch.device, rank: int, world_size: int, signals: StopSignals) -> int:
+    """Build the run (data, model, optimizer, log, warm-up), then train it; returns the exit code."""
+    train_loader, val_loader = build_loaders(cfg, rank, world_size, device, tokenizer.n_vocab)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(gpt_config(cfg, tokenizer.n_vocab)).to(device)  # the weights: sampling, MuonClip, checkpoints
+    attention = model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)
+    optimizer = build_optimizer(cfg, model, device)
+    unknown = set(cfg.log.spectrum_matrices) - set(spectrum_names(model))
+    if cfg.log.spectrum_every and unknown:
+        raise ConfigError(f"log.spectrum_matrices: {sorted(unknown)} are not matrices of a block; "
+                          f"valid names: {', '.join(spectrum_names(model))}")
+    changes = config_changes(resumed["config"], asdict(cfg)) if resumed else []
+    step, clock = 0, TrainClock(device)
+    if resumed:
+        restore(resumed, resume_path, changes, cfg, model, optimizer, train_loader, device)
+        step, clock.total = resumed["step"], resumed["train_time_s"]
+    compiled = torch.compile(model) if cfg.train.compile else model  # evaluation
+    train_model = data_parallel(compiled, optimizer, device) if world_size > 1 else compiled  # training steps
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    run_config = {**asdict(cfg), "world_size": world_size, "grad_accum": grad_accum, "params": model.num_params(),
+                  "params_non_embedding": model.num_params(non_embedding=True), "flops_per_token": flops_per_token,
+                  "sdpa_backend": attention, "resumed_from": str(resume_path) if resume_path else ""}
+    log = RunLog(cfg, rank == 0, run_config, resumed, continues=resumed is not None and continues_run(changes))
+    exit_code = 1
+    try:
+        log.print(f"{cfg.model.preset}: {model.num_params() / 1e6:.2f}M parameters "
+                  f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.0f} "
+                  f"MFLOP/token | {device} x {world_size}, {grad_accum} micro-steps of {cfg.train.micro_batch_size} "
+                  f"x {cfg.data.seq_len} per step | attention: {attention} | {cfg.train.run_dir}")
+        per_pass, reads = train_loader.tokens_per_pass(), cfg.schedule.steps * cfg.train.batch_tokens
+        log.print(f"train data: {per_pass:,} tokens a pass over {len(train_loader.files)} shard file(s); "
+                  f"{cfg.schedule.steps} steps read {reads:,} tokens, {reads / per_pass:.2f} passes")
+        if resumed:
+            log.print(f"resumed from {resume_path} at step {step}")
+            for key, before, after in changes:
+                log.print(f"  config changed since the checkpoint: {key}: {before!r} -> {after!r}")
+        if cfg.train.compile_warmup_steps:
+            seconds = warm_up(cfg, model, compiled, train_model, optimizer, grad_accum, step, device)
+            log.print(f"compile warm-up: {cfg.train.compile_warmup_steps} steps and a validation batch on random "
+                      f"tokens in {seconds:.1f}s, then weights, optimizer state and RNG put back (not counted as training)")
+        checkpoints = Checkpoints(Path(cfg.train.run_dir), log.enabled)
+
+        # The loop. At a step, in this order: validate, complete the prompts, write the checkpoint (so
+        # every value of a step is logged before its checkpoint, and a run resumed from it starts
+        # with training), then train one step; every log.every steps, check and log the interval.
+        steps, target = cfg.schedule.steps, cfg.train.target_val_loss
+        resumed_at, stop_signal, target_reached = step if resumed else None, None, False
+        interval, wall_start = Interval(step, clock.total), time.perf_counter()
+        while True:
+            at_end, stopping = step == steps, stop_signal is not None
+            before_its_checkpoint = step == resumed_at  # the run that wrote the checkpoint did this step's part
+            if not before_its_checkpoint and (at_end or due(step, cfg.log.val_every)):
+                clock.stop()
+                started = time.perf_counter()
+                val_loss = evaluate(compiled, val_loader, cfg, device)
+                if not math.isfinite(val_loss):  # the weights of this step diverged: nothing of them is saved
+                    raise checkpoints.diverged(f"step {step}: val loss is {val_loss}", newest_is_to_blame=False)
+                log.scalars(step, {"val/loss": val_loss})
+                log.print(f"step {step:5d}/{steps} | val loss {val_loss:.4f} ({time.perf_counter() - started:.1f}s)")
+                if target and val_loss <= target:
+                    at_end = target_reached = True
+                    log.print(f"target val loss {target} reached at step {step}: {clock.total:.1f}s of training "
+                              "(validation, completions and checkpoints excluded; compilation "
+                              f"{'warmed up before, excluded' if cfg.train.compile_warmup_steps else 'included'}), "
+                              f"{time.perf_counter() - wall_start:.1f}s wall")
+                    log.summary({"target/step": step, "target/train_time_s": clock.total})
+            if not before_its_checkpoint and (at_end or step and due(step, cfg.log.sample_every)):
+                clock.stop()
+                log.completions_table(step, complete_prompts(model, tokenizer, cfg) if log.enabled else [])
+            if not before_its_checkpoint and (at_end or stopping or step and due(step, cfg.train.checkpoint_every)):
+                clock.stop()
+                optimizer_state = optimizer.state_dict()  # every rank: a collective under Muon's owner sharding
+                if log.enabled:
+                    checkpoints.save(step, {"step": step, "model": model.state_dict(), "optimizer": optimizer_state,
+                                            "loader": train_loader.state_dict(), "rng": rng_state(device),
+                                            "config": asdict(cfg), "train_time_s": clock.total, **log.state_dict()})
+            if at_end or stopping:
+                break
+
+            clock.start()
+            # One process stops at the step a signal arrives; several ranks agree on it at the next log line.
+            ends_interval = (due(step + 1, cfg.log.every) or step + 1 == steps
+                             or (world_size == 1 and signals.received is not None))
+            # Without MuonClip the probe runs on the steps that end an interval, which report their max logits.
+            interval.add(*train_step(train_model, model, optimizer, train_loader, cfg, step, grad_accum,
+                                     probe=cfg.optim.muon_clip or ends_interval, measure_grad_norm=ends_interval))
+            step += 1
+            if not ends_interval:
+                continue
+
+            clock.stop()
+            losses, grad_norm, stop_requested = interval.read(signals, world_size)
+            first_bad, fault = first_non_finite(losses, grad_norm, interval.max_logits, step)
+            if first_bad is None or first_bad > 0:  # the interval's first loss came from the newest checkpoint
+                checkpoints.verify()
+            if fault:
+                raise checkpoints.diverged(fault)
+            steps_done, seconds = step - interval.start_step, clock.total - interval.start_time
+            tokens_per_s = steps_done * cfg.train.batch_tokens / seconds
+            mfu = flops_per_token * tokens_per_s / (cfg.log.peak_flops * world_size)
+            lr = optimizer.param_groups[0]["lr"]  # the hidden matrices'
+            row = {"train/loss": sum(losses) / len(losses), "train/lr": lr, "train/grad_norm": grad_norm,
+                   "train/tokens_per_s": tokens_per_s, "train/mfu": mfu, "train/time_s": clock.total,
+                   **attention_metrics(interval.max_logits, interval.clipped)}
+            if due(step, cfg.log.spectrum_every) and log.enabled:
+                row.update(spectrum_metrics(model, optimizer, cfg.log.spectrum_matrices))
+            log.scalars(step, row)
+            log.print(f"step {step:5d}/{steps} | loss {row['train/loss']:.4f} | lr {lr:.2e} | "
+                      f"{tokens_per_s / 1e3:.1f}K tok/s | MFU {100 * mfu:.1f}% | max logit {row['attn/max_logit']:.1f}"
+                      + (f" ({row['attn/clipped_heads']} clipped)" if interval.clipped is not None else "")
+                      + f" | ETA {duration((steps - step) * seconds / steps_done)}")
+            if due(step, cfg.log.heatmap_every):
+                log.heatmap(step, interval.max_logits)
+            if stop_requested:
+                stop_signal = signals.received or signal.SIGTERM
+            interval = Interval(step, clock.total)
+
+        exit_code = 0
+        if stop_signal is not None:
+            exit_code = 128 + stop_signal
+            name = signal.Signals(stop_signal).name
+            if log.enabled and checkpoints.unverified:
+                log.print(f"stopped by {name} at step {step}, checkpoint saved; "
+                          f"resume with: {resume_command(checkpoints.unverified[1], world_size)}")
+            elif log.enabled:  # stopped before a step: the checkpoint it resumed from is the latest
+                log.print(f"stopped by {name} at step {step}, before training")
+        elif target and not target_reached:
+            log.print(f"target val loss {target} not reached in {steps} steps")
+        if exit_code == 0:
+            log.print(f"done: step {step}, {clock.total:.1f}s of training, {time.perf_counter() - wall_start:.1f}s wall")
+        return exit_code
+    finally:
+        log.finish(exit_code)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line, device, data
 
 
 def load_run_config(argv: list[str]) -> tuple[Config, Path | None]:
@@ -62,24 +230,7 @@ def load_run_config(argv: list[str]) -> tuple[Config, Path | None]:
     if "help" in flags:
         print(__doc__ + "\n" + config_help(cfg))
         sys.exit(0)
-    if resume not in RESUME_MODES:
-        return cfg, Path(resume) if resume else None
-    found, skipped = newest_readable_checkpoint(Path(cfg.train.run_dir))
-    if int(os.environ.get("RANK", 0)) == 0:
-        for line in skipped:
-            print(line, file=sys.stderr)
-    if found is None and resume == "latest":
-        raise ConfigError(f"--resume latest: no readable checkpoint (ckpt_*.pt) in train.run_dir = {cfg.train.run_dir}; "
-                          "--resume auto starts the run when there is none (a metrics.jsonl left there is kept "
-                          "aside, not overwritten)")
-    return cfg, found
-
-
-RESUME_MODES = ("auto", "latest")
-
-
-# ----------------------------------------------------------------------------------------------
-# Device and data
+    return cfg, resolve_resume(resume, Path(cfg.train.run_dir), announce=int(os.environ.get("RANK", 0)) == 0)
 
 
 def setup_device(world_size: int, timeout_s: int) -> torch.device:
@@ -97,21 +248,8 @@ def setup_device(world_size: int, timeout_s: int) -> torch.device:
     return device
 
 
-def restart_store(world_size: int, timeout: datetime.timedelta):
-    """The process group's store under torchrun, with keys of their own for each restart of the
-    group. torchrun's rendezvous store outlives a worker group it restarts, and with it the dead
-    group's addresses: a new rank that reads a dead peer's address before its successor has
-    written over it cannot connect ("connectFullMesh failed"). None outside torchrun."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is None:
-        return None
-    hosts = os.environ["RANK"] == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=hosts,
-                          timeout=timeout, multi_tenant=True)
-    return dist.PrefixStore(f"train.py/restart_{restart}", store)
-
-
 def load_tokenizer(cfg: Config):
+    validate_tokenizer_keys(cfg)  # a demo run with gpt2 is a config error, not a failed download
     try:
         return get_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_file or None)
     except (ValueError, OSError, RuntimeError) as e:
@@ -133,9 +271,7 @@ def build_loaders(cfg: Config, rank: int, world_size: int, device: torch.device,
                 "--out DIR; no download: python train.py --config configs/demo.toml)"
                 if isinstance(e, FileNotFoundError) else "")
         raise ConfigError(f"data.dir = {d.dir!r}: {e}{hint}") from None
-    # An id past the padded vocabulary crashes mid-run (on a GPU: a device assert, every rank down);
-    # one between the vocabulary and its padding trains on garbage. A memmap's max reads each shard once.
-    for path, largest in [(f, int(read_shard(f).max(initial=0))) for f in train.files] + [(d.val_files, int(val.tokens.max()))]:
+    for path, largest in largest_token_ids(train, val):
         if largest >= vocab_size:
             raise ConfigError(f"data: {path} holds token id {largest}, but data.tokenizer = {d.tokenizer!r} has "
                               f"{vocab_size} tokens (ids 0..{vocab_size - 1}); were the shards made with another tokenizer?")
@@ -143,41 +279,23 @@ def build_loaders(cfg: Config, rank: int, world_size: int, device: torch.device,
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-# optim.ns_dtype. Off the GPU, "auto" is fp32: CPUs without native bf16 run bf16 matmuls far
-# slower than fp32, and fp32 gives a CPU run the same numbers on every CPU.
-NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Model, optimizer, schedule
 
 
-def ns_dtype(name: str, device: torch.device) -> torch.dtype:
-    if NS_DTYPES[name] is not None:
-        return NS_DTYPES[name]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def build_optimizer(cfg: Config, model: GPT) -> muon.Muon:
-    """One muon.Muon: the hidden matrices (Muon, or AdamW for the baseline), then an AdamW group
-    each for the embedding, the head and the gains (GPT.parameter_groups)."""
+def build_optimizer(cfg: Config, model: GPT, device: torch.device) -> muon.Muon:
+    """One muon.Muon over muon.param_groups: the hidden matrices (Muon, or AdamW for the baseline),
+    then an AdamW group each for the embeddings, the head and the scalars, each with its lr."""
     o = cfg.optim
-    groups = model.parameter_groups()
-
-    def adamw(params, lr, weight_decay):
-        return dict(params=params, use_muon=False, base_lr=lr, lr=lr, weight_decay=weight_decay,
-                    betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps)
+    adamw = dict(use_muon=False, weight_decay=o.adamw_weight_decay)
     head_blocks = model.head_blocks() if o.per_head else {}
-    blocks = [head_blocks.get(name, (1, 1)) for name, _ in groups["matrices"]]
-    matrices = (dict(params=groups["matrices"], use_muon=True, base_lr=o.lr, blocks=blocks) if o.optimizer == "muon"
-                else adamw(groups["matrices"], o.lr, o.weight_decay))
-    param_groups = [matrices, adamw(groups["embedding"], o.embed_lr, o.adamw_weight_decay),
-                    adamw(groups["head"], o.head_lr, o.adamw_weight_decay),
-                    adamw(groups["gains"], o.scalar_lr, o.adamw_weight_decay)]
-    return muon.Muon([g for g in param_groups if g["params"]], lr=o.lr, weight_decay=o.weight_decay,
-                     momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps, ns_coefficients=o.ns_coefficients,
-                     lr_rule=o.lr_rule, ns_dtype=ns_dtype(o.ns_dtype, model.lm_head.weight.device),
-                     normuon=o.normuon, normuon_beta2=o.normuon_beta2, normuon_eps=o.normuon_eps,
-                     normuon_axis=o.normuon_axis, cautious_weight_decay=o.cautious_weight_decay,
-                     compile=cfg.train.compile)
+    groups = muon.param_groups(model, matrices=dict(base_lr=o.lr, use_muon=o.optimizer == "muon"),
+                               embeddings=dict(adamw, base_lr=o.embed_lr), head=dict(adamw, base_lr=o.head_lr),
+                               scalars=dict(adamw, base_lr=o.scalar_lr))
+    for group in groups:
+        group["lr"] = group["base_lr"]
+        if group["use_muon"]:
+            group["blocks"] = [head_blocks.get(name, (1, 1)) for name, _ in group["params"]]
+    return muon.Muon(groups, **muon_options(cfg, device))
 
 
 def lr_factor(step: int, s: ScheduleConfig) -> float:
@@ -201,8 +319,34 @@ def set_schedule(optimizer: muon.Muon, cfg: Config, step: int) -> None:
             group["momentum"] = s.momentum_start + (cfg.optim.momentum - s.momentum_start) * warmed
 
 
+def restore(checkpoint: dict, path: Path, changes: list, cfg: Config, model: GPT, optimizer: muon.Muon,
+            train_loader: TrainLoader, device: torch.device) -> None:
+    """The checkpoint's weights, optimizer state, data position and RNG, under this config's hyperparameters."""
+    hyperparameters = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["loader"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        what = "; ".join(f"{key}: checkpoint {before!r}, config {after!r}" for key, before, after in changes
+                         if key.startswith("model.")) or str(e).strip().splitlines()[0]
+        raise ConfigError(f"--resume {path} does not fit this config's model, optimizer or data: {what}") from None
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)  # the config sets hyperparameters; the checkpoint brings the state
+    set_rng_state(checkpoint["rng"], device)
+
+
+def data_parallel(compiled: torch.nn.Module, optimizer: muon.Muon, device: torch.device) -> DDP:
+    """DDP for the AdamW parameters only: the Muon matrices' gradients stay each rank's own, for
+    Muon's reduce-scatter to their owners (muon.Muon), instead of an all-reduce of twice the bytes."""
+    muon_params = {id(p) for group in optimizer.param_groups if group["use_muon"] for p in group["params"]}
+    ignored = [name for name, p in compiled.named_parameters() if id(p) in muon_params]
+    DDP._set_params_and_buffers_to_ignore_for_model(compiled, ignored)
+    return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 # ----------------------------------------------------------------------------------------------
-# One training step, validation, completions
+# A training step, evaluation, prompts
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -211,7 +355,7 @@ def autocast(cfg: Config, device: torch.device):
 
 def train_step(model, raw_model: GPT, optimizer: muon.Muon, batches, cfg: Config, step: int, grad_accum: int,
                probe: bool, measure_grad_norm: bool):
-    """One optimizer step over grad_accum micro-batches. Returns device tensors (no sync):
+    """One optimizer step over grad_accum micro-batches, then MuonClip. Returns device tensors (no sync):
     mean loss, grad norm (or None), max logits (n_layer, n_head) over the step (or None), clipped heads (or None)."""
     device = raw_model.lm_head.weight.device
     set_schedule(optimizer, cfg, step)
@@ -240,26 +384,11 @@ def train_step(model, raw_model: GPT, optimizer: muon.Muon, batches, cfg: Config
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # check_finite=False: no device sync per step; train_loop checks the max logits every log interval.
+    # check_finite=False: no device sync per step; the loop checks the max logits every log interval.
     clipped = (muon.qk_clip_(raw_model.attention_heads(), max_logits, cfg.optim.muon_clip_tau,
                              alpha=cfg.optim.muon_clip_alpha, check_finite=False, compile=cfg.train.compile)
                if cfg.optim.muon_clip else None)
     return loss_sum / grad_accum, grad_norm, max_logits, clipped
-
-
-def check_gradients_match_across_ranks(model: torch.nn.Module) -> None:
-    """Every rank must hold a gradient for the same parameters. One that only some ranks train (a
-    branch taken on some ranks' data) gets different updates on each, and the replicas drift
-    apart without an error: stop the run instead, naming the parameter."""
-    names, params = zip(*model.named_parameters())
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(has_grad)
-    world = dist.get_world_size()
-    uneven = [(name, n) for name, n in zip(names, has_grad.tolist()) if 0 < n < world]
-    if uneven:
-        listed = ", ".join(f"{name} ({n} of {world} ranks)" for name, n in uneven[:5])
-        raise RunError(f"parameters with a gradient on some ranks only: {listed}; every rank must use every "
-                       "trained parameter in each step, or the ranks' weights drift apart")
 
 
 @torch.no_grad()
@@ -278,159 +407,33 @@ def evaluate(model, val_loader: ValLoader, cfg: Config, device: torch.device) ->
 
 
 @torch.no_grad()
-def complete_prompts(raw_model: GPT, tokenizer, cfg: Config, device: torch.device) -> list[tuple[str, str, str]]:
-    """(prompt, mode, completion) for every prompt and mode, from the uncompiled model. With both
-    modes, a prompt's greedy and sampled completions decode as one batch of two rows (half the time)."""
-    modes = ["greedy", "sampled"] if cfg.log.sample_mode == "both" else [cfg.log.sample_mode]
-    greedy = torch.tensor([mode == "greedy" for mode in modes], device=device)
+def complete_prompts(model: GPT, tokenizer, cfg: Config) -> list[tuple[str, str, str]]:
+    """(prompt, mode, completion) for every prompt of log.prompts and mode, from the uncompiled model;
+    a prompt's greedy and sampled completions decode as one batch."""
+    lg = cfg.log
+    modes = ["greedy", "sampled"] if lg.sample_mode == "both" else [lg.sample_mode]
     rows = []
-    raw_model.eval()
-    for prompt in cfg.log.prompts:
-        idx = torch.tensor(tokenizer.encode_ordinary(prompt), dtype=torch.long, device=device)
+    model.eval()
+    for prompt in lg.prompts:
         try:
-            with autocast(cfg, device):
-                out = raw_model.generate(idx.expand(len(modes), -1), cfg.log.max_new_tokens,
-                                         temperature=cfg.log.temperature, top_k=cfg.log.top_k or None, greedy=greedy)
-            completions = [tokenizer.decode(row[len(idx):].tolist()) for row in out]
+            completions = complete(model, tokenizer, prompt, [mode == "greedy" for mode in modes], lg.max_new_tokens,
+                                   lg.temperature, lg.top_k, cfg.train.bf16)
         except ValueError as e:  # diverged weights: the loss checks stop the run at the next log line
             completions = [f"[no completion: {e}]"] * len(modes)
         rows.extend((prompt, mode, completion) for mode, completion in zip(modes, completions))
-    raw_model.train()
+    model.train()
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# The run: config -> data -> model -> optimizer -> warm-up -> loop
-
-
-@dataclass
-class Run:
-    """What the training loop works with, built once by start_run."""
-    cfg: Config
-    model: GPT                    # the weights: generation, MuonClip, checkpoints
-    compiled: torch.nn.Module     # model under torch.compile (or model itself): evaluation
-    train_model: torch.nn.Module  # compiled, DDP-wrapped under torchrun: the training steps
-    optimizer: muon.Muon
-    train_loader: TrainLoader
-    val_loader: ValLoader
-    tokenizer: object
-    log: RunLog
-    saved: Checkpoints
-    signals: StopSignals
-    device: torch.device
-    world_size: int
-    grad_accum: int
-    flops_per_token: int
-    step: int                     # optimizer steps done
-    clock: "TrainClock"
-
-
-def main(argv: list[str]) -> int:
-    """Run train.py with these arguments; returns the exit code (0 done, 128 + N stopped by signal N)."""
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cfg, resume_path = load_run_config(argv)
-    validate_tokenizer_keys(cfg)
-    tokenizer = load_tokenizer(cfg)
-    grad_accum = validate(cfg, world_size, tokenizer.n_vocab)
-    checkpoint = read_checkpoint(resume_path) if resume_path else None
-    if checkpoint and checkpoint["step"] >= cfg.schedule.steps:
-        if rank == 0:
-            print(f"{resume_path} is step {checkpoint['step']} of schedule.steps = {cfg.schedule.steps}: the run "
-                  "has finished, nothing to do (raise schedule.steps to train on)")
-        return 0
-    # Every rank joins the group before rank 0's disk work, so a group torchrun restarts meets in time.
-    device = setup_device(world_size, cfg.train.dist_timeout_s)
-    run_dir_lock, refused, exit_code = None, False, 1
-    try:
-        # Rank 0 alone writes: it takes the run dir (lock, checks, clean-up) before any data or model is built.
-        run_dir_lock = claim_run_dir(Path(cfg.train.run_dir), checkpoint["step"] if checkpoint else None,
-                                     agree=world_size > 1) if rank == 0 else wait_for_run_dir(world_size)
-        with StopSignals(announce=rank == 0) as signals:
-            run = start_run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size, signals)
-            try:
-                exit_code = train_loop(run)
-            finally:
-                run.log.finish(exit_code)
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 may still be writing: a rank that tears down early can abort its peers
-    except ConfigError:
-        refused = True
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        if run_dir_lock:
-            release_run_dir(run_dir_lock, wrote_nothing=refused)
-    return exit_code
-
-
-def start_run(cfg, tokenizer, grad_accum, checkpoint, resume_path, device, rank, world_size, signals) -> Run:
-    """Data, model, optimizer and log, with a checkpoint's state loaded; the compile warm-up done."""
-    train_loader, val_loader = build_loaders(cfg, rank, world_size, device, tokenizer.n_vocab)
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(gpt_config(cfg, tokenizer.n_vocab)).to(device)
-    attention = model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)
-    optimizer = build_optimizer(cfg, model)
-    unknown = set(cfg.log.spectrum_matrices) - set(spectrum_names(model))
-    if cfg.log.spectrum_every and unknown:
-        raise ConfigError(f"log.spectrum_matrices: {sorted(unknown)} are not matrices of a block; "
-                          f"valid names: {', '.join(spectrum_names(model))}")
-    step, train_time = 0, 0.0
-    if checkpoint:
-        config_groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            train_loader.load_state_dict(checkpoint["loader"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            changed = [f"model.{key}: checkpoint {before!r}, config {after!r}" for key, (before, after)
-                       in zip_flat(checkpoint["config"]["model"], asdict(cfg.model)) if before != after]
-            what = "; ".join(changed) or str(e).strip().splitlines()[0]
-            raise ConfigError(f"--resume {resume_path} does not fit this config's model, optimizer or data: {what}") from None
-        for group, values in zip(optimizer.param_groups, config_groups):
-            group.update(values)  # the config sets hyperparameters; the checkpoint brings the state
-        set_rng_state(checkpoint["rng"], device)
-        step, train_time = checkpoint["step"], checkpoint["train_time_s"]
-    compiled = torch.compile(model) if cfg.train.compile else model
-    train_model = data_parallel(compiled, optimizer, device) if world_size > 1 else compiled
-
-    n_params = model.num_params(non_embedding=True)
-    flops = model.flops_per_token(cfg.data.seq_len)
-    run_config = {**asdict(cfg), "world_size": world_size, "grad_accum": grad_accum, "params": model.num_params(),
-                  "params_non_embedding": n_params, "flops_per_token": flops, "sdpa_backend": attention,
-                  "resumed_from": str(resume_path) if resume_path else ""}
-    log = RunLog(cfg, rank == 0, run_config, checkpoint, continues=repeats_checkpoint_run(checkpoint, cfg))
-    log.print(f"{cfg.model.preset}: {model.num_params() / 1e6:.2f}M parameters ({n_params / 1e6:.2f}M non-embedding), "
-              f"{flops / 1e6:.0f} MFLOP/token | {device} x {world_size}, {grad_accum} micro-steps of "
-              f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} per step | attention: {attention} | {cfg.train.run_dir}")
-    per_pass, reads = train_loader.tokens_per_pass(), cfg.schedule.steps * cfg.train.batch_tokens
-    log.print(f"train data: {per_pass:,} tokens a pass over {len(train_loader.files)} shard file(s); "
-              f"{cfg.schedule.steps} steps read {reads:,} tokens, {reads / per_pass:.2f} passes")
-    if checkpoint:
-        log.print(f"resumed from {resume_path} at step {step}")
-        for key, (before, after) in zip_flat(checkpoint["config"], asdict(cfg)):
-            if before != after:
-                log.print(f"  config changed since the checkpoint: {key}: {before!r} -> {after!r}")
-    run = Run(cfg, model, compiled, train_model, optimizer, train_loader, val_loader, tokenizer, log,
-              Checkpoints(Path(cfg.train.run_dir), log.enabled), signals, device, world_size, grad_accum, flops,
-              step, TrainClock(device, train_time))
-    if cfg.train.compile_warmup_steps:
-        seconds = warm_up(run)
-        log.print(f"compile warm-up: {cfg.train.compile_warmup_steps} steps and a validation batch on random tokens "
-                  f"in {seconds:.1f}s, then weights, optimizer state and RNG put back (not counted as training)")
-    return run
-
-
-def warm_up(run: Run) -> float:
+def warm_up(cfg: Config, model: GPT, compiled, train_model, optimizer: muon.Muon, grad_accum: int, step: int,
+            device: torch.device) -> float:
     """Train train.compile_warmup_steps steps and evaluate one batch, all on random tokens, then put
     the weights, the optimizer state and the RNG back as they were: torch.compile builds its graphs
     (forward with and without the probe, backward, evaluation, Newton-Schulz) before the clock
     starts, as modded-nanogpt times its records. Returns the seconds it took."""
-    cfg, model, device = run.cfg, run.model, run.device
-    clock = TrainClock(device, 0.0)
+    clock = TrainClock(device)
     clock.start()
-    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                           "rng": rng_state(device)})
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device)})
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
 
@@ -441,108 +444,29 @@ def warm_up(run: Run) -> float:
 
     batches = random_batches()
     for i in range(cfg.train.compile_warmup_steps):
-        # Without MuonClip only logged steps probe: alternate, so both forward graphs get built.
-        train_step(run.train_model, model, run.optimizer, batches, cfg, run.step, run.grad_accum,
+        # Without MuonClip only the steps that end a log interval probe: alternate, so both forward graphs get built.
+        train_step(train_model, model, optimizer, batches, cfg, step, grad_accum,
                    probe=cfg.optim.muon_clip or i % 2 == 1, measure_grad_norm=i % 2 == 1)
-    evaluate(run.compiled, [next(batches)], cfg, device)
+    evaluate(compiled, [next(batches)], cfg, device)
     model.load_state_dict(saved["model"])
-    run.optimizer.load_state_dict(saved["optimizer"])
+    optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"], device)
     clock.stop()
     return clock.total
 
 
-def train_loop(run: Run) -> int:
-    """Train from run.step to schedule.steps; returns the process exit code (0, or 128 + a stop signal's number).
-
-    At a step that validates, samples and checkpoints, they happen in that order, so a checkpoint's
-    step has been evaluated: a run resumed from it starts training at once."""
-    cfg, log = run.cfg, run.log
-    s, lg, t = cfg.schedule, cfg.log, cfg.train
-    wall_start = time.perf_counter()
-    resumed_at = run.step if run.step else None
-    target_reached, stop_signal = False, None
-    interval = Interval(run.step, run.clock.total)  # this log interval's values, on the device until it ends
-    while True:
-        step = run.step
-        finished, stopping = step == s.steps, stop_signal is not None
-        evaluated = step == resumed_at  # before its checkpoint was written
-        if ((lg.val_every and step % lg.val_every == 0) or finished) and not evaluated:
-            if validate_now(run, wall_start):
-                finished = target_reached = True
-        if ((lg.sample_every and step % lg.sample_every == 0 and step > 0) or finished) and not evaluated:
-            run.clock.stop()
-            log.completions_table(step, complete_prompts(run.model, run.tokenizer, cfg, run.device) if log.enabled else [])
-        last = finished or stopping
-        if (last or (t.checkpoint_every and step % t.checkpoint_every == 0 and step > 0)) and step != resumed_at:
-            save_checkpoint(run)
-        if last:
-            return finish(run, stop_signal, target_reached, wall_start)
-
-        run.clock.start()
-        # One process stops at the step a signal arrives; ranks agree on it at the next log line.
-        flush = (step + 1) % lg.every == 0 or step + 1 == s.steps or (run.world_size == 1 and run.signals.received is not None)
-        # Without MuonClip the probe runs on logged steps only, which then report their own max logits.
-        interval.add(*train_step(run.train_model, run.model, run.optimizer, run.train_loader, cfg, step, run.grad_accum,
-                                 probe=cfg.optim.muon_clip or flush, measure_grad_norm=flush))
-        run.step += 1
-        if flush:
-            run.clock.stop()
-            if log_interval(run, interval):
-                stop_signal = run.signals.received or signal.SIGTERM
-            interval = Interval(run.step, run.clock.total)
+# ----------------------------------------------------------------------------------------------
+# What the log lines check
 
 
-def validate_now(run: Run, wall_start: float) -> bool:
-    """Evaluate and log the val loss; True when it reaches train.target_val_loss."""
-    cfg, t, step = run.cfg, run.cfg.train, run.step
-    run.clock.stop()
-    started = time.perf_counter()
-    val_loss = evaluate(run.compiled, run.val_loader, cfg, run.device)
-    if not math.isfinite(val_loss):  # the weights of this step diverged: nothing of them is saved
-        raise run.saved.diverged(f"step {step}: val loss is {val_loss}", blame_unvouched=False)
-    run.log.scalars(step, {"val/loss": val_loss})
-    run.log.print(f"step {step:5d}/{cfg.schedule.steps} | val loss {val_loss:.4f} ({time.perf_counter() - started:.1f}s)")
-    if not (t.target_val_loss and val_loss <= t.target_val_loss):
-        return False
-    run.log.print(f"target val loss {t.target_val_loss} reached at step {step}: {run.clock.total:.1f}s of training "
-                  f"(validation, completions and checkpoints excluded; compilation "
-                  f"{'warmed up before, excluded' if t.compile_warmup_steps else 'included'}), "
-                  f"{time.perf_counter() - wall_start:.1f}s wall")
-    run.log.summary({"target/step": step, "target/train_time_s": run.clock.total})
-    return True
-
-
-def save_checkpoint(run: Run) -> None:
-    run.clock.stop()
-    optimizer_state = run.optimizer.state_dict()  # every rank: a collective under Muon's owner sharding
-    if run.log.enabled:
-        run.saved.save(run.step, {
-            "step": run.step, "model": run.model.state_dict(), "optimizer": optimizer_state,
-            "loader": run.train_loader.state_dict(), "rng": rng_state(run.device), "config": asdict(run.cfg),
-            "train_time_s": run.clock.total, **run.log.state_dict()})
-
-
-def finish(run: Run, stop_signal: int | None, target_reached: bool, wall_start: float) -> int:
-    """The last line of a run, and its exit code."""
-    log, s, t = run.log, run.cfg.schedule, run.cfg.train
-    if stop_signal is not None:
-        name = signal.Signals(stop_signal).name
-        if log.enabled and run.saved.unvouched:
-            log.print(f"stopped by {name} at step {run.step}, checkpoint saved; "
-                      f"resume with: {resume_command(run.saved.unvouched[1], run.world_size)}")
-        elif log.enabled:  # stopped before a step: the checkpoint it resumed from is the latest
-            log.print(f"stopped by {name} at step {run.step}, before training")
-        return 128 + stop_signal
-    if t.target_val_loss and not target_reached:
-        log.print(f"target val loss {t.target_val_loss} not reached in {s.steps} steps")
-    log.print(f"done: step {run.step}, {run.clock.total:.1f}s of training, {time.perf_counter() - wall_start:.1f}s wall")
-    return 0
+def due(step: int, every: int) -> bool:
+    """Whether something done every `every` steps (0: never) falls on this step."""
+    return every > 0 and step % every == 0
 
 
 class Interval:
     """One log interval's training losses, max logits and clipped heads, kept on the device
-    (no sync per step) until log_interval reads them."""
+    (no sync per step) until the loop reads them at the interval's end."""
 
     def __init__(self, step: int, train_time: float):
         self.start_step, self.start_time = step, train_time
@@ -556,85 +480,19 @@ class Interval:
         if clipped is not None:
             self.clipped = clipped if self.clipped is None else self.clipped + clipped
 
-
-def log_interval(run: Run, interval: Interval) -> bool:
-    """Check and log the interval that ended at run.step; True when some rank was asked to stop."""
-    cfg, log, step = run.cfg, run.log, run.step
-    lg = cfg.log
-    # The interval's losses and this rank's stop request, in one transfer (and one all-reduce).
-    values = torch.cat([torch.stack(interval.losses),
-                        torch.tensor([float(run.signals.received or 0)], device=run.device)])
-    if run.world_size > 1:  # so every rank sees the same losses and stops at the same step
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values[:-1] /= run.world_size
-    *losses, signal_sum = values.tolist()  # the one wait for the device per log interval
-    grad_norm = interval.grad_norm.item()
-    first_bad, fault = first_non_finite(losses, grad_norm, interval.max_logits, step)
-    if first_bad != 0:  # the interval's first loss came from the saved weights
-        run.saved.vouch()
-    if fault:
-        raise run.saved.diverged(fault)
-    steps_done, seconds = step - interval.start_step, run.clock.total - interval.start_time
-    tokens_per_s = steps_done * cfg.train.batch_tokens / seconds
-    mfu = run.flops_per_token * tokens_per_s / (lg.peak_flops * run.world_size)
-    lr = run.optimizer.param_groups[0]["lr"]  # the hidden matrices'
-    row = {"train/loss": sum(losses) / len(losses), "train/lr": lr, "train/grad_norm": grad_norm,
-           "train/tokens_per_s": tokens_per_s, "train/mfu": mfu, "train/time_s": run.clock.total,
-           **attention_metrics(interval.max_logits, interval.clipped)}
-    if lg.spectrum_every and step % lg.spectrum_every == 0 and log.enabled:
-        row.update(spectrum_metrics(run.model, run.optimizer, lg.spectrum_matrices))
-    log.scalars(step, row)
-    log.print(f"step {step:5d}/{cfg.schedule.steps} | loss {row['train/loss']:.4f} | lr {lr:.2e} | "
-              f"{tokens_per_s / 1e3:.1f}K tok/s | MFU {100 * mfu:.1f}% | max logit {row['attn/max_logit']:.1f}"
-              + (f" ({row['attn/clipped_heads']} clipped)" if interval.clipped is not None else "")
-              + f" | ETA {duration((cfg.schedule.steps - step) * seconds / steps_done)}")
-    if lg.heatmap_every and step % lg.heatmap_every == 0:
-        log.heatmap(step, interval.max_logits)
-    return bool(signal_sum)
-
-
-# What a resumed run may change and still repeat the original run's numbers exactly.
-REPEATABLE_CHANGES = ("log.", "train.checkpoint_every", "train.target_val_loss", "train.compile_warmup_steps",
-                      "train.dist_timeout_s")
-
-
-def data_parallel(compiled: torch.nn.Module, optimizer: muon.Muon, device: torch.device) -> DDP:
-    """DDP for the AdamW parameters only: the Muon matrices' gradients stay each rank's own, for
-    Muon's reduce-scatter to their owners (muon.Muon), instead of an all-reduce of twice the bytes."""
-    muon_params = {id(p) for group in optimizer.param_groups if group["use_muon"] for p in group["params"]}
-    ignored = [name for name, p in compiled.named_parameters() if id(p) in muon_params]
-    DDP._set_params_and_buffers_to_ignore_for_model(compiled, ignored)
-    return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def repeats_checkpoint_run(checkpoint: dict | None, cfg: Config) -> bool:
-    """Whether a run resumed from checkpoint repeats, bit for bit, what its run logged after it."""
-    if checkpoint is None or checkpoint["config"]["train"]["run_dir"] != cfg.train.run_dir:
-        return False
-    changed = [key for key, (a, b) in zip_flat(checkpoint["config"], asdict(cfg)) if a != b]
-    return all(key.startswith(REPEATABLE_CHANGES) for key in changed)
-
-
-def zip_flat(a: dict, b: dict, prefix: str = ""):
-    """(dotted key, (a's value, b's value)) for every key of two nested config dicts."""
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            yield from zip_flat(x, y, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", (x, y)
-
-
-def resume_command(checkpoint: Path, world_size: int) -> str:
-    """The command line that resumes this run from checkpoint (which holds its config)."""
-    if world_size == 1:
-        return f"python train.py --resume {shlex.quote(str(checkpoint))}"
-    # A worker cannot see torchrun's own flags (--nnodes, rendezvous): the user reuses them.
-    return f"the same torchrun launch, with train.py --resume {shlex.quote(str(checkpoint))} (or --resume auto)"
-
-
-# ----------------------------------------------------------------------------------------------
-# What the log lines report
+    def read(self, signals: StopSignals, world_size: int) -> tuple[list[float], float, bool]:
+        """(the losses averaged over ranks, the last step's grad norm, whether any rank was asked to
+        stop): the one wait for the device per interval, one all-reduce, so every rank sees the same
+        losses and stops at the same step."""
+        device = self.losses[0].device
+        values = torch.cat([torch.stack(self.losses), torch.tensor([float(signals.received or 0)], device=device),
+                            self.grad_norm.reshape(1).float()])
+        if world_size > 1:
+            shared = values[:-1]  # the grad norm stays this rank's own: Muon's gradients are not averaged yet
+            dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+            shared[:-1] /= world_size
+        *losses, stop_requests, grad_norm = values.tolist()
+        return losses, grad_norm, bool(stop_requests)
 
 
 def first_non_finite(losses: list[float], grad_norm: float, max_logits: torch.Tensor | None,
@@ -654,28 +512,6 @@ def first_non_finite(losses: list[float], grad_norm: float, max_logits: torch.Te
         except ValueError as e:
             return None, f"steps {first_step}..{step}: {e}"
     return None, ""
-
-
-class TrainClock:
-    """Seconds spent training: validation, completions and checkpoints are left out, as the speedrun times it."""
-
-    def __init__(self, device: torch.device, total: float):
-        self.device, self.total, self.started = device, total, None
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def start(self):
-        if self.started is None:
-            self._sync()
-            self.started = time.perf_counter()
-
-    def stop(self):
-        if self.started is not None:
-            self._sync()
-            self.total += time.perf_counter() - self.started
-            self.started = None
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 import train
 from bench.figure import plt, save
 from bench.muon_vs_adamw import VOCAB_SIZES, device_name, make_config
+from config import Config, gpt_config
 from model import GPT
 
 FULL = dict(model=dict(preset="gpt124m-mla"), seq_len=1024, micro_batch_size=16)
@@ -48,7 +49,7 @@ def expected_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def random_batches(cfg: train.Config, vocab_size: int, device: torch.device):
+def random_batches(cfg: Config, vocab_size: int, device: torch.device):
     g = torch.Generator(device="cpu").manual_seed(0)
     while True:
         tokens = torch.randint(0, vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1), generator=g)
@@ -65,9 +66,9 @@ def measure(plan: dict, optimizer_name: str, device: torch.device, steps: int, c
     cfg.optim.normuon = optimizer_name == "muon+normuon"
     vocab_size = VOCAB_SIZES["gpt2"]
     torch.manual_seed(0)
-    raw_model = GPT(train.gpt_config(cfg, vocab_size)).to(device)
+    raw_model = GPT(gpt_config(cfg, vocab_size)).to(device)
     raw_model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)  # as train.py does
-    optimizer = train.build_optimizer(cfg, raw_model)
+    optimizer = train.build_optimizer(cfg, raw_model, device)
     model = torch.compile(raw_model) if compile else raw_model
     batches = random_batches(cfg, vocab_size, device)
     if device.type == "cuda":

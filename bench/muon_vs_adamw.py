@@ -21,7 +21,7 @@ GPU default is model.CONFIGS["gpt124m-mla"] cut to d=384, 6 layers, 6 heads, on 
 token shards, train_*.bin and val_*.bin (.devdata/corpus: a copy of a ~25M-token corpus).
 
 Training goes through train.py's own build_optimizer, train_step and evaluate, so what is measured
-is what `python train.py` runs. Wall time is train.TrainClock's: training only, validation left
+is what `python train.py` runs. Wall time is runlog.TrainClock's: training only, validation left
 out, compilation (with --compile) included. Writes a two-panel plot (val loss against tokens and
 against seconds) and prints a table last, with the tokens each Muon needs to reach AdamW's final
 val loss (Moonlight, arXiv 2502.16982, reports ~0.52x of AdamW's compute at its scale).
@@ -38,9 +38,11 @@ import torch
 import muon
 import train
 from bench.figure import plt, save
+from config import Config, build_config, gpt_config, read_toml, validate
 from data.demo import ensure_demo_shards
 from data.tokenizer import GPT2_EOT_ID, bytes_tokenizer
 from model import GPT
+from runlog import TrainClock
 
 # No tokenizer is loaded (the benchmark never decodes), so gpt2 needs no rank file.
 VOCAB_SIZES = {"gpt2": GPT2_EOT_ID + 1, "bytes": bytes_tokenizer().n_vocab}
@@ -83,8 +85,8 @@ def device_name(device: torch.device) -> str:
 
 
 def make_config(plan: dict, data_dir: str, tokenizer: str, optimizer: str, lr: float, steps: int,
-                compile: bool, device: torch.device, muon_clip: bool = False, tau: float = 100.0) -> train.Config:
-    """A train.Config built the way a TOML file is, so presets and checks are train.py's. With
+                compile: bool, device: torch.device, muon_clip: bool = False, tau: float = 100.0) -> Config:
+    """A Config built the way a TOML file is, so presets and checks are train.py's. With
     plan["base"], that TOML file's recipe, else train.py's defaults with the plan's model and data.
     optimizer "torch_muon" is configured as "muon": train_run(torch_muon=True) swaps in torch.optim.Muon."""
     adamw = optimizer == "adamw"
@@ -96,7 +98,7 @@ def make_config(plan: dict, data_dir: str, tokenizer: str, optimizer: str, lr: f
                     momentum_warmup_steps=min(300, steps // 4))
     train_keys = dict(batch_tokens=plan["batch_tokens"], compile=compile, bf16=device.type == "cuda")
     if "base" in plan:
-        raw = train.read_toml(plan["base"])
+        raw = read_toml(plan["base"])
         raw["data"].update(dir=data_dir, val_tokens=plan["val_tokens"])
     else:
         raw = {"model": dict(plan["model"]),
@@ -106,15 +108,15 @@ def make_config(plan: dict, data_dir: str, tokenizer: str, optimizer: str, lr: f
     for section, values in (("optim", optim), ("schedule", schedule), ("train", train_keys),
                             ("log", dict(wandb="disabled"))):
         raw.setdefault(section, {}).update(values)
-    return train.build_config(raw, "bench", [])
+    return build_config(raw, "bench", [])
 
 
 class TorchMuonReference:
     """torch.optim.Muon on the hidden matrices and our AdamW groups on the rest, stepped as one
     optimizer: train.set_schedule sets both kinds of group, train.train_step steps both."""
 
-    def __init__(self, cfg: train.Config, model: GPT):
-        ours = train.build_optimizer(cfg, model)
+    def __init__(self, cfg: Config, model: GPT):
+        ours = train.build_optimizer(cfg, model, model.lm_head.weight.device)
         hidden = [g for g in ours.param_groups if g["use_muon"]]
         o = cfg.optim
         self.muon = torch.optim.Muon([dict(params=g["params"], base_lr=g["base_lr"], use_muon=True) for g in hidden],
@@ -132,7 +134,7 @@ class TorchMuonReference:
         self.adamw.zero_grad(set_to_none=set_to_none)
 
 
-def train_run(cfg: train.Config, device: torch.device, eval_every: int, probe_every: int = 0,
+def train_run(cfg: Config, device: torch.device, eval_every: int, probe_every: int = 0,
               probe: bool = False, on_step=None, torch_muon: bool = False) -> dict:
     """Train cfg from scratch with train.py's functions; returns the curves.
 
@@ -142,15 +144,15 @@ def train_run(cfg: train.Config, device: torch.device, eval_every: int, probe_ev
     batches, optimizer) runs after each optimizer step, off the clock, with that step's micro-batches.
     """
     vocab_size = VOCAB_SIZES[cfg.data.tokenizer]
-    grad_accum = train.validate(cfg, 1, vocab_size)
+    grad_accum = validate(cfg, 1, vocab_size)
     train_loader, val_loader = train.build_loaders(cfg, 0, 1, device, vocab_size)
     torch.manual_seed(cfg.train.seed)
-    raw_model = GPT(train.gpt_config(cfg, vocab_size)).to(device)
+    raw_model = GPT(gpt_config(cfg, vocab_size)).to(device)
     raw_model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)  # as train.py does
-    optimizer = TorchMuonReference(cfg, raw_model) if torch_muon else train.build_optimizer(cfg, raw_model)
+    optimizer = TorchMuonReference(cfg, raw_model) if torch_muon else train.build_optimizer(cfg, raw_model, device)
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
     batches = RememberingLoader(train_loader)
-    clock = train.TrainClock(device, 0.0)
+    clock = TrainClock(device)
     val, losses, max_logits, clipped = [], [], [], []
     for step in range(cfg.schedule.steps + 1):
         if step % eval_every == 0 or step == cfg.schedule.steps:

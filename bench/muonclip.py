@@ -33,6 +33,7 @@ from bench.muon_vs_adamw import DEMO as DEMO_MODEL
 from bench.muon_vs_adamw import FULL as FULL_MODEL
 from bench.muon_vs_adamw import SMOKE as SMOKE_MODEL
 from bench.muon_vs_adamw import device_name, make_config, train_run
+from config import Config
 from data.demo import ensure_demo_shards
 
 FULL = {**FULL_MODEL, "batch_tokens": 32768, "val_tokens": 262144, "steps": 400, "lr": 0.5, "tau": 30.0,
@@ -42,7 +43,7 @@ SMOKE = {**SMOKE_MODEL, "steps": 30, "lr": 0.5, "tau": 30.0, "reprobe_every": 1}
 DEMO = {**DEMO_MODEL, "steps": 300, "lr": 0.016, "weight_decay": 0.0, "tau": 30.0, "reprobe_every": 10}
 
 
-def reprober(cfg: train.Config, device: torch.device, every: int, probed: list):
+def reprober(cfg: Config, device: torch.device, every: int, probed: list):
     """An on_step hook: the max logit of the step's own micro-batches through the weights after the step."""
 
     @torch.no_grad()

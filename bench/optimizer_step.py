@@ -21,8 +21,8 @@ import time
 
 import torch
 
+import config
 import muon
-import train
 from bench.newton_schulz import stacked_by_shape
 from bench.timing import median_ms
 
@@ -87,11 +87,11 @@ def main(argv=None):
     parser.add_argument("--options", action="store_true",
                         help="also time ours (eager) with NorMuon, cautious weight decay, per-head blocks, and all three")
     parser.add_argument("--heads", type=int, default=12, help="attention heads, for the per-head blocks")
-    parser.add_argument("--ns-dtype", choices=list(train.NS_DTYPES), default="auto",
+    parser.add_argument("--ns-dtype", choices=list(config.NS_DTYPES), default="auto",
                         help="ours' Newton-Schulz dtype, as optim.ns_dtype (torch.optim.Muon's is always bf16)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ns_dtype = train.ns_dtype(args.ns_dtype, device)
+    ns_dtype = config.ns_dtype(args.ns_dtype, device)
     matrices, others = gpt2_small_params(args.layers, args.d, args.vocab, device)
     n_matrix = sum(p.numel() for p in matrices)
     n_other = sum(p.numel() for p in others)

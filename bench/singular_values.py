@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import muon
 import sample
 import train
 from bench.figure import plt, save
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     models = {name: load(path, args.data_dir) for name, path in (("Muon", args.muon), ("AdamW", args.adamw))}
     spectra, stats = {}, defaultdict(list)
     for name, (model, *_) in models.items():
-        for param_name, p in model.parameter_groups()["matrices"]:
+        for param_name, p in muon.param_groups(model)[0]["params"]:
             s = torch.linalg.svdvals(p.double())
             spectra.setdefault(name, {}).setdefault(kind(param_name), []).append((s / s[0]).numpy())
             stats[(kind(param_name), name)].append(spectrum_stats(p))
@@ -101,7 +102,7 @@ def main(argv=None) -> dict:
         print(f"| {matrix} | {name} | {mean[0]:.1f} | {mean[1]:.3g} | {mean[2]:.2f} |")
 
     model, tokenizer, val, cfg = models["Muon"]
-    matrices = model.parameter_groups()["matrices"]
+    matrices = muon.param_groups(model)[0]["params"]
     original = {name: p.detach().clone() for name, p in matrices}
     edits = [("trained weights", "none", 1.0)] + [(f"top {args.k} x {f:g}", "top", f) for f in (0.5, 2.0)] + [
         (f"tail x {f:g}", "tail", f) for f in (0.5, 1.5, 0.0)] + [("flat (U V^T, same norm)", "flat", 1.0)]

@@ -29,16 +29,17 @@ import runlog
 import train
 from bench.figure import plt, save
 from bench.muon_vs_adamw import device_name, train_run
+from config import Config, build_config, read_toml
 from data.demo import ensure_demo_shards
 
 
-def demo_config(optimizer: str, lr: float, steps: int, smoke: bool) -> train.Config:
+def demo_config(optimizer: str, lr: float, steps: int, smoke: bool) -> Config:
     overrides = [("optim.optimizer", optimizer), ("optim.lr", str(lr)), ("schedule.steps", str(steps)),
                  ("log.wandb", "disabled"), ("data.dir", str(ensure_demo_shards()))]
     if smoke:
         overrides += [("model.n_layer", "2"), ("model.n_embd", "64"), ("data.seq_len", "32"),
                       ("train.batch_tokens", "256"), ("train.micro_batch_size", "8"), ("data.val_tokens", "256")]
-    return train.build_config(train.read_toml("configs/demo.toml"), "configs/demo.toml", overrides)
+    return build_config(read_toml("configs/demo.toml"), "configs/demo.toml", overrides)
 
 
 def recorder(every: int, rows: list):
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     steps = args.steps or (8 if args.smoke else 600)
     every = args.every or (4 if args.smoke else 50)
-    muon_lr = args.muon_lr or train.read_toml("configs/demo.toml")["optim"]["lr"]
+    muon_lr = args.muon_lr or read_toml("configs/demo.toml")["optim"]["lr"]
     device = torch.device("cpu")
     print(f"device: {device_name(device)}, torch {torch.__version__}")
 

@@ -20,6 +20,7 @@ import time
 import torch
 
 import train
+from config import ConfigError, gpt_config, validate
 
 
 def timed_steps(model, raw_model, optimizer, batches, cfg, grad_accum, probe, warmup, steps, device) -> float:
@@ -47,14 +48,14 @@ def main(argv=None) -> list:
     args, overrides = parser.parse_known_args(argv)
     cfg, _ = train.load_run_config(["--config", args.config] + overrides)
     vocab_size = train.load_tokenizer(cfg).n_vocab
-    grad_accum = train.validate(cfg, world_size=1, vocab_size=vocab_size)
+    grad_accum = validate(cfg, world_size=1, vocab_size=vocab_size)
     device = train.setup_device(world_size=1, timeout_s=cfg.train.dist_timeout_s)
 
-    model_cfg = train.gpt_config(cfg, vocab_size)
+    model_cfg = gpt_config(cfg, vocab_size)
     torch.manual_seed(cfg.train.seed)
     raw_model = train.GPT(model_cfg).to(device)
     raw_model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)  # as train.py does
-    optimizer = train.build_optimizer(cfg, raw_model)
+    optimizer = train.build_optimizer(cfg, raw_model, device)
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
     B, T = cfg.train.micro_batch_size, cfg.data.seq_len
     sequences = [torch.randint(0, vocab_size, (B, T + 1), device=device) for _ in range(grad_accum)]
@@ -94,5 +95,5 @@ def main(argv=None) -> list:
 if __name__ == "__main__":
     try:
         main()
-    except train.ConfigError as e:
+    except ConfigError as e:
         raise SystemExit(f"error: {e}") from None

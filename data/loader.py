@@ -139,7 +139,7 @@ class ValLoader:
                 f"val tokens ({num_tokens}) must be a positive multiple of world_size * batch_size * seq_len "
                 f"= {self.step_tokens}"
             )
-        self.num_tokens = num_tokens
+        self.num_tokens, self.pattern = num_tokens, pattern
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank = rank
         self.device = torch.device(device)
@@ -174,3 +174,10 @@ def first_tokens(files, count, pattern, multiple=1):
         raise ValueError(f"val shards matching {pattern} hold {have} tokens, fewer than the {count} needed "
                          f"({count - 1} val tokens + 1 for the last target){hint}")
     return np.concatenate(parts)
+
+
+def largest_token_ids(train: TrainLoader, val: ValLoader) -> list[tuple[str, int]]:
+    """(file, largest token id) of every train shard and of the val tokens, to check them against the
+    vocabulary before training: an id past it crashes a run mid-way (on a GPU a device assert takes
+    every rank down), one inside its padding trains on garbage. A memmap's max reads each shard once."""
+    return [(str(f), int(read_shard(f).max(initial=0))) for f in train.files] + [(val.pattern, int(val.tokens.max()))]

@@ -12,6 +12,7 @@ import data.demo
 import train
 from bench import (communication, memory, muon_vs_adamw, muonclip, optimizer_options, optimizer_step, peer,
                    singular_values, spectrum, toy_power20, train_throughput)
+from config import gpt_config
 from data.demo import ensure_demo_shards
 from tests.test_train import metrics, tiny_config, tiny_data  # noqa: F401
 
@@ -54,7 +55,7 @@ def test_torch_muon_reference_steps_the_matrices_with_torch_optim_muon():
 
 def train_gpt_config(cfg):
     import train
-    return train.gpt_config(cfg, 257)
+    return gpt_config(cfg, 257)
 
 
 def test_memory_smoke_state_bytes_are_exact(tmp_path, capsys):

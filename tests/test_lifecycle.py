@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import checkpoint
 import config
 import train
+from config import ConfigError
 from data import fineweb, prepare
 from data.shard import HEADER_BYTES, write_shard
 from tests.test_train import REPO, metrics, read_wandb_records, tiny_config, tiny_data, train_losses  # noqa: F401
@@ -146,7 +147,7 @@ def test_a_second_trainer_on_a_locked_run_dir_is_refused(tiny_data, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("pid 4242 on elsewhere\n")
         held.flush()
-        with pytest.raises(train.ConfigError, match=r"run is in use by another trainer \(pid 4242 on elsewhere\)"):
+        with pytest.raises(ConfigError, match=r"run is in use by another trainer \(pid 4242 on elsewhere\)"):
             train.main(["--config", config])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     train.main(["--config", config, "--schedule.steps=1", "--train.checkpoint_every=0"])  # released: it runs
@@ -167,7 +168,7 @@ def test_stale_temporary_checkpoints_are_removed_at_start(tiny_data, tmp_path, c
 def test_an_unwritable_run_dir_is_refused_before_any_work(tiny_data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(train.ConfigError, match=r"train.run_dir = .*file/run: cannot write there"):
+    with pytest.raises(ConfigError, match=r"train.run_dir = .*file/run: cannot write there"):
         train.main(["--config", tiny_config(tmp_path, tiny_data), "--train.run_dir", str(blocker / "run")])
 
 
@@ -195,7 +196,7 @@ def test_a_train_shard_with_a_token_past_the_vocabulary_is_refused_by_name(tiny_
     tokens = np.full(3000, 65, dtype=np.int64)
     tokens[1234] = 300  # bytes has 257 tokens; the padded embedding has 320 rows: silent garbage
     write_shard(data / "train_000001.bin", tokens)
-    with pytest.raises(train.ConfigError, match=r"train_000001.bin holds token id 300, but data.tokenizer = 'bytes' "
+    with pytest.raises(ConfigError, match=r"train_000001.bin holds token id 300, but data.tokenizer = 'bytes' "
                                                 r"has 257 tokens"):
         train.main(["--config", tiny_config(tmp_path, data)])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -246,13 +247,13 @@ def _uneven_gradients(rank, world, init_file, results):
     if rank == 1:
         model[1].bias.grad = None  # a branch this rank's data did not take
     try:
-        train.check_gradients_match_across_ranks(model)
+        checkpoint.check_gradients_match_across_ranks(model)
         results[rank] = "no error"
-    except train.RunError as e:
+    except checkpoint.RunError as e:
         results[rank] = str(e)
     for p in model.parameters():  # every rank with every gradient: no error
         p.grad = torch.ones_like(p)
-    train.check_gradients_match_across_ranks(model)
+    checkpoint.check_gradients_match_across_ranks(model)
     dist.destroy_process_group()
 
 
@@ -293,7 +294,7 @@ def test_help_after_a_config_and_overrides_prints_the_resolved_config():
     (["--optim.embed_lr=nan"], r"optim.embed_lr = nan: expected a finite number"),
 ])
 def test_more_command_line_errors(tiny_data, tmp_path, argv_tail, message):
-    with pytest.raises(train.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         train.main(["--config", tiny_config(tmp_path, tiny_data)] + argv_tail)
 
 
@@ -302,23 +303,23 @@ def test_demo_with_gpt2_is_a_config_error_before_any_download(tiny_data, tmp_pat
         raise AssertionError("the tokenizer was loaded before the config was checked")
 
     monkeypatch.setattr(train, "get_tokenizer", no_download)
-    with pytest.raises(train.ConfigError, match=r'data.tokenizer = .gpt2.: expected "bytes" with data.demo = true'):
+    with pytest.raises(ConfigError, match=r'data.tokenizer = .gpt2.: expected "bytes" with data.demo = true'):
         train.main(["--config", str(REPO / "configs/demo.toml"), "--data.tokenizer=gpt2"])
 
 
 def test_resume_of_a_torch_file_that_is_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.ones(2)}, tmp_path / "model.pt")
-    with pytest.raises(train.ConfigError, match=r"model.pt: a torch file, but not one of train.py's checkpoints "
+    with pytest.raises(ConfigError, match=r"model.pt: a torch file, but not one of train.py's checkpoints "
                                                 r"\(it lacks step, model, optimizer"):
         train.main(["--resume", str(tmp_path / "model.pt")])
     torch.save([1, 2], tmp_path / "list.pt")
-    with pytest.raises(train.ConfigError, match=r"not one of train.py's checkpoints"):
+    with pytest.raises(ConfigError, match=r"not one of train.py's checkpoints"):
         train.main(["--resume", str(tmp_path / "list.pt")])
 
 
 def test_every_hint_in_an_error_is_a_command_that_parses(tiny_data, tmp_path, monkeypatch):
     """The commands that error messages suggest, parsed by the parsers of the scripts they name."""
-    with pytest.raises(train.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         train.main(["--config", tiny_config(tmp_path, tiny_data), "--data.dir", str(tmp_path / "nowhere")])
     hints = re.findall(r"python (?:-m )?(\S+) ([^;)]*)", str(error.value))
     assert {script for script, _ in hints} == {"data.fineweb", "data.prepare", "train.py"}
@@ -337,7 +338,7 @@ def test_every_hint_in_an_error_is_a_command_that_parses(tiny_data, tmp_path, mo
         raise TokenizerDownloadError("could not download the GPT-2 tokenizer files (ConnectionError)")
 
     monkeypatch.setattr(train, "get_tokenizer", offline)
-    with pytest.raises(train.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         train.main(["--config", tiny_config(tmp_path, tiny_data), "--data.tokenizer=gpt2"])
     flag = re.search(r"pass it with (--\S+) (\S+)", str(error.value))
     assert flag and flag.group(1) == "--data.tokenizer_file"
@@ -360,7 +361,7 @@ def test_the_readme_path_from_data_prepare_to_training(tmp_path, capsys):
                "--train.run_dir", str(tmp_path / "runs" / "mytext"), "--schedule.steps=20", "--log.every=10",
                "--log.val_every=10", "--log.sample_every=0", "--log.heatmap_every=0", "--train.checkpoint_every=0",
                "--schedule.momentum_warmup_steps=5"]
-    with pytest.raises(train.ConfigError, match=r"hold \d+ tokens, fewer than the 32769 needed .*set data.val_tokens "
+    with pytest.raises(ConfigError, match=r"hold \d+ tokens, fewer than the 32769 needed .*set data.val_tokens "
                                                 r"to at most (\d+) \(a multiple of 2048\)") as error:
         train.main(command)
     fits = re.search(r"at most (\d+)", str(error.value)).group(1)
@@ -401,9 +402,9 @@ def test_an_unreadable_newest_checkpoint_is_skipped_for_the_one_before(tiny_data
     assert re.search(r"skipping ckpt_000006.pt \(step 6\): not a readable checkpoint", capsys.readouterr().err)
     for name in ("ckpt_000003.pt", "ckpt_000006.pt"):
         (run_dir / name).write_bytes(b"garbage")
-    with pytest.raises(train.ConfigError, match="--resume latest: no readable checkpoint"):
+    with pytest.raises(ConfigError, match="--resume latest: no readable checkpoint"):
         train.load_run_config(["--config", config, "--resume", "latest"])
     _, path = train.load_run_config(["--config", config, "--resume", "auto"])
     assert path is None  # auto would start over, and the run dir's check refuses to write over them
-    with pytest.raises(train.ConfigError, match=r"already holds a run"):
+    with pytest.raises(ConfigError, match=r"already holds a run"):
         train.main(["--config", config, "--resume", "auto"])
