@@ -172,6 +172,14 @@ class Checkpoints:
         return NonFiniteLoss(f"{what}; stopped without saving this state; {kept}")
 
 
+def seed_rngs(seed: int) -> None:
+    """Python's, numpy's and torch's generators from one seed: what a checkpoint saves (rng_state) is
+    then the same in every run of a config, however often it was stopped and resumed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state(device: torch.device) -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),

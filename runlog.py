@@ -1,11 +1,13 @@
 """What a training run reports, on rank 0: the console, metrics.jsonl and Weights & Biases.
 
-One run is one W&B run. The checkpoint keeps the W&B run id and the completions logged so far,
-so `--resume` in the same train.run_dir with the same config continues that run (wandb's
-resume="allow"): the steps logged before the resume (up to the last row of metrics.jsonl) are not
-logged again, since the resumed run repeats them bit for bit, and the completions table keeps its
-whole history. A resume that changes the numbers (another lr, more steps, ...) or the run dir is a
-new W&B run: its rows supersede the earlier ones of the same steps in metrics.jsonl.
+One run is one W&B run, and its record holds every value once, however often the run was killed
+and resumed. At a step the loop logs its values (training loss, then val loss, completions,
+heatmap) before it writes that step's checkpoint; so a run resumed from the checkpoint of step s
+cuts metrics.jsonl back to the rows of steps <= s, rewinds its W&B run to step s (wandb.init's
+resume_from: the history keeps the steps up to s and goes on from s + 1) and logs everything
+after again. The checkpoint keeps the W&B run id and the
+completions table so far. A resume that changes the numbers (another lr, more steps, ...) or the
+run dir is a new W&B run; metrics.jsonl is cut back all the same.
 
 W&B settings: a log.wandb_* key left "" (or []) leaves the choice to wandb's environment variables
 (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_NOTES); the project
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 import muon
+from data.shard import write_atomically
 
 DEFAULT_PROJECT = "muon-speedrun"
 COMPLETION_COLUMNS = ["step", "prompt", "mode", "completion"]
@@ -36,8 +39,8 @@ class RunLog:
     """Rank 0's outputs; on other ranks every method does nothing."""
 
     def __init__(self, cfg, enabled: bool, run_config: dict, checkpoint: dict | None = None, continues: bool = False):
-        """checkpoint: the one resumed from; continues: the resumed run repeats what was logged after
-        it bit for bit (same run dir, nothing changed that changes the numbers), so the W&B run goes on."""
+        """checkpoint: the one resumed from; continues: the resumed run is the run that wrote it, going
+        on (checkpoint.continues_run), so its W&B run goes on too."""
         self.enabled, self.wandb_run, self.completions, self.table = enabled, None, [], None
         if not enabled:
             return
@@ -45,12 +48,13 @@ class RunLog:
         self.batch_tokens = cfg.train.batch_tokens
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.completions = [tuple(row) for row in checkpoint.get("completions", [])] if checkpoint else []
-        self.logged_up_to = last_logged_step(self.run_dir / "metrics.jsonl") if continues else -1
-        if continues and self.logged_up_to > checkpoint["step"]:
-            print(f"steps {checkpoint['step'] + 1}..{self.logged_up_to} were logged before the resume; "
-                  "they repeat exactly and are not logged again")
+        if checkpoint:
+            dropped = cut_back(self.run_dir / "metrics.jsonl", checkpoint["step"])
+            if dropped:
+                print(f"metrics.jsonl: {dropped} rows after step {checkpoint['step']} (the checkpoint's) were "
+                      "dropped; this run logs them again")
         run_id = checkpoint.get("wandb_run_id") if continues else None
-        self.wandb_run = start_wandb(cfg, self.run_dir, run_config, run_id)
+        self.wandb_run = start_wandb(cfg, self.run_dir, run_config, run_id, checkpoint["step"] if checkpoint else 0)
         self.incremental = self.wandb_run is not None and "log_mode" in inspect.signature(wandb_module().Table).parameters
 
     def state_dict(self) -> dict:
@@ -65,7 +69,7 @@ class RunLog:
             print(line, flush=True)
 
     def scalars(self, step: int, values: dict) -> None:
-        if not self.enabled or step <= self.logged_up_to:
+        if not self.enabled:
             return
         values = {**values, "train/tokens": step * self.batch_tokens}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -74,12 +78,12 @@ class RunLog:
             self.wandb_run.log(values, step=step)
 
     def heatmap(self, step: int, max_logits: torch.Tensor) -> None:
-        if self.wandb_run and step > self.logged_up_to:
+        if self.wandb_run:
             image = wandb_module().Image(heatmap_figure(max_logits.tolist(), step))
             self.wandb_run.log({"attn/max_logit_heatmap": image}, step=step)
 
     def completions_table(self, step: int, rows: list[tuple[str, str, str]]) -> None:
-        if not self.enabled or not rows or step <= self.logged_up_to:
+        if not self.enabled or not rows:
             return
         for prompt, mode, completion in rows:
             self.print(f"  [{mode}] {prompt!r} -> {completion!r}")
@@ -187,16 +191,28 @@ def wandb_module():
     return wandb
 
 
-def last_logged_step(metrics: Path) -> int:
-    """The largest step in a metrics.jsonl, -1 if there is none."""
+def cut_back(metrics: Path, step: int) -> int:
+    """Keep metrics.jsonl's rows of steps <= step (and none a kill left half-written); returns how many
+    rows were dropped. The file is replaced whole, so a kill here loses nothing either."""
     if not metrics.exists():
-        return -1
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
-    return max(steps, default=-1)
+        return 0
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) < len(lines):
+        write_atomically(metrics, lambda f: f.write("".join(kept).encode()))
+    return len(lines) - len(kept)
 
 
-def start_wandb(cfg, run_dir: Path, run_config: dict, run_id: str | None):
-    """A wandb run (run_id: the one to continue), or None."""
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def start_wandb(cfg, run_dir: Path, run_config: dict, run_id: str | None, last_step: int):
+    """A wandb run, or None. run_id: the run to go on with, rewound so that its history ends at
+    last_step (wandb.init's resume_from); if W&B cannot rewind it, a new run."""
     lg = cfg.log
     if lg.wandb == "disabled":
         return None
@@ -205,19 +221,24 @@ def start_wandb(cfg, run_dir: Path, run_config: dict, run_id: str | None):
     except ImportError:
         print("warning: the wandb package is not installed; logging to the console and metrics.jsonl only")
         return None
-    try:
-        mode = lg.wandb
-        if mode == "auto":
-            mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
-        run = wandb.init(
-            project=lg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            name=lg.wandb_name or os.environ.get("WANDB_NAME") or run_dir.name,
-            # None: wandb reads WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_NOTES itself.
-            entity=lg.wandb_entity or None, group=lg.wandb_group or None, tags=lg.wandb_tags or None,
-            notes=lg.wandb_notes or None, dir=run_dir, config=run_config, mode=mode,
-            id=run_id, resume="allow" if run_id else None)
-    except Exception as e:
-        print(f"warning: wandb.init failed ({type(e).__name__}: {e}); continuing with W&B disabled")
+    attempts = ([dict(resume_from=f"{run_id}?_step={last_step}")] if run_id else []) + [{}]
+    for rewind in attempts:
+        try:
+            mode = lg.wandb
+            if mode == "auto":
+                mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
+            run = wandb.init(
+                project=lg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                name=lg.wandb_name or os.environ.get("WANDB_NAME") or run_dir.name,
+                # None: wandb reads WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_NOTES itself.
+                entity=lg.wandb_entity or None, group=lg.wandb_group or None, tags=lg.wandb_tags or None,
+                notes=lg.wandb_notes or None, dir=run_dir, config=run_config, mode=mode, **rewind)
+            break
+        except Exception as e:
+            then = "logging to a new W&B run" if rewind else "continuing with W&B disabled"
+            what = f"wandb.init could not rewind run {run_id} to step {last_step}" if rewind else "wandb.init failed"
+            print(f"warning: {what} ({type(e).__name__}: {e}); {then}")
+    else:
         return None
     # Charts against tokens seen, so runs with other batch sizes line up; val/loss keeps its best.
     run.define_metric("train/tokens")

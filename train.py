@@ -11,7 +11,8 @@
 is none, and exits at once if the run has finished: a job requeued or restarted with the same
 command (SLURM --requeue, torchrun --max-restarts) picks up where it stopped. --resume latest
 insists on a checkpoint; --resume PATH takes one and its saved config. A resumed run repeats the
-uninterrupted run's losses bit for bit. Everything a run writes goes to train.run_dir, from rank 0 only (checkpoint.py, runlog.py). Under
+uninterrupted run's losses bit for bit, and its record (metrics.jsonl, W&B) holds every value once.
+Everything a run writes goes to train.run_dir, from rank 0 only (checkpoint.py, runlog.py). Under
 torchrun every rank runs this file; gradient accumulation keeps train.batch_tokens per optimizer
 step whatever the number of ranks.
 
@@ -37,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import muon
 from checkpoint import (RESUME_MODES, Checkpoints, RunError, StopSignals, check_gradients_match_across_ranks,
                         claimed_run_dir, continues_run, read_checkpoint, resolve_resume, restart_store,
-                        resume_command, rng_state, set_rng_state)
+                        resume_command, rng_state, seed_rngs, set_rng_state)
 from config import (Config, ConfigError, ScheduleConfig, build_config, config_changes, config_help, gpt_config,
                     muon_options, read_toml, split_argv, validate, validate_tokenizer_keys)
 from data.demo import ensure_demo_shards
@@ -78,7 +79,7 @@ def run(cfg: Config, tokenizer, grad_accum: int, resumed: dict | None, resume_pa
         device: torch.device, rank: int, world_size: int, signals: StopSignals) -> int:
     """Build the run (data, model, optimizer, log, warm-up), then train it; returns the exit code."""
     train_loader, val_loader = build_loaders(cfg, rank, world_size, device, tokenizer.n_vocab)
-    torch.manual_seed(cfg.train.seed)
+    seed_rngs(cfg.train.seed)
     model = GPT(gpt_config(cfg, tokenizer.n_vocab)).to(device)  # the weights: sampling, MuonClip, checkpoints
     attention = model.choose_attention(torch.bfloat16 if cfg.train.bf16 else torch.float32)
     optimizer = build_optimizer(cfg, model, device)
