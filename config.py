@@ -83,6 +83,8 @@ class ScheduleConfig:
     min_lr_frac: float = 0.0       # ... down to this fraction of the lr
     momentum_start: float = 0.85   # Muon momentum goes linearly from this to optim.momentum ...
     momentum_warmup_steps: int = 300  # ... over these steps
+    momentum_cooldown: float = -1.0   # Muon momentum at the end of the cooldown, linearly from optim.momentum; -1 = off
+    weight_decay_cosine: bool = False  # Muon's weight decay on a cosine from optim.weight_decay to 0 over the run
 
 
 @dataclass
@@ -288,6 +290,8 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
     require(0 <= s.min_lr_frac <= 1, "schedule.min_lr_frac", s.min_lr_frac, "in [0, 1]")
     require(0 <= s.momentum_start < 1, "schedule.momentum_start", s.momentum_start, "in [0, 1)")
     require(s.momentum_warmup_steps >= 0, "schedule.momentum_warmup_steps", s.momentum_warmup_steps, ">= 0")
+    require(s.momentum_cooldown == -1 or 0 <= s.momentum_cooldown < 1, "schedule.momentum_cooldown",
+            s.momentum_cooldown, "in [0, 1), or -1 (off)")
     require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "> 0")
     require(t.compile_warmup_steps >= 0, "train.compile_warmup_steps", t.compile_warmup_steps, ">= 0")
     require(t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "> 0 seconds")

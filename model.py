@@ -36,6 +36,9 @@ from kernels import causal_mask
 
 NORM_EPS = 1e-6
 ATTENTION_KINDS = ("mla", "mha")
+INITS = ("speedrun", "nanochat")
+VE_GATE_CHANNELS = 12  # the latent's first channels, from which each head's value-embedding gate is computed
+SMEAR_CHANNELS = 24    # the embedding's first channels, from which the smear gate is computed
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -59,6 +62,12 @@ class GPTConfig:
     head_dim: int = 64
     rope_theta: float = 10000.0
     logit_softcap: float = 0.0     # 0: off; else logits = cap * tanh(logits / cap)
+    embed_norm: bool = False       # RMS-normalise the token embedding before the first block
+    layer_lambdas: bool = False    # x <- resid_lambda[i] x + x0_lambda[i] x0 before block i (x0: the first block's input)
+    smear: bool = False            # add a gated share of the previous token's embedding to each token's
+    backout: bool = False          # subtract a learned share of the middle block's output before the final norm
+    value_embeds: bool = False     # MLA: on alternating layers (the last included) add a token embedding to v, gated per head
+    init: str = "speedrun"         # "speedrun" (normal, std 0.5/sqrt(fan_in)) or "nanochat" (see GPT._init_weights)
     probe_chunk_size: int = 128    # query rows per score tile of the max-logit probe
     sdpa_backend: str = "auto"     # attention kernel: "auto" (choose_sdpa_backend), "cudnn", "flash", "efficient", "math"
 
@@ -86,6 +95,9 @@ class GPTConfig:
                  "a positive number")
         _require(_is_number(self.logit_softcap) and self.logit_softcap >= 0, "logit_softcap",
                  self.logit_softcap, "a number >= 0 (0 = off)")
+        _require(not self.value_embeds or self.attention == "mla", "value_embeds", self.value_embeds,
+                 'false with attention = "mha" (value embeddings are MLA-only here)')
+        _require(self.init in INITS, "init", self.init, f"one of {INITS}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -161,7 +173,7 @@ def _norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         d, H = config.n_embd, config.n_head
         self.n_head = H
@@ -182,6 +194,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = qk_dim ** -0.5
         self.probe_chunk_size = config.probe_chunk_size
         self.sdpa_backend = None if config.sdpa_backend == "auto" else config.sdpa_backend  # GPT.choose_attention
+        # Value embeddings (ResFormer-style, as nanochat has them) on alternating layers, the last one
+        # included: v += gate * embedding(token), each head's gate 3 sigmoid(W latent[:12]) in (0, 3).
+        # The gate reads the latent, which the KV cache keeps, so decoding needs only the token ids.
+        has_ve = config.value_embeds and layer % 2 == (config.n_layer - 1) % 2
+        self.value_embed = nn.Embedding(config.padded_vocab_size, H * self.v_dim) if has_ve else None
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, H, bias=False) if has_ve else None
 
     def heads(self) -> muon.AttentionHeads:
         q_weight = self.wq.weight if self.q_lora_rank == 0 else self.wq_b.weight
@@ -211,14 +229,21 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
         return _norm(self.kv_norm, latent), apply_rope(k_rope.unsqueeze(2), cos, sin)
 
-    def forward(self, x, cos, sin, probe=False, cache=None, start=0):
+    def _value_embeddings(self, ids: Tensor, latent: Tensor) -> Tensor:
+        """What the value embeddings add to v for tokens ids (B, S) with latents (B, S, kv_lora_rank): (B, S, H, v_dim)."""
+        gate = 3 * torch.sigmoid(self.ve_gate(latent[..., :VE_GATE_CHANNELS]))
+        return gate.unsqueeze(-1) * self.value_embed(ids).view(*ids.shape, self.n_head, self.v_dim).to(gate.dtype)
+
+    def forward(self, x, cos, sin, probe=False, cache=None, start=0, ids=None):
         if cache is not None:
-            return self._decode(x, cos, sin, cache, start), None
+            return self._decode(x, cos, sin, cache, start, ids), None
         B, T, _ = x.shape
         H = self.n_head
         q_nope, q_rope = self._queries(x, cos, sin)
         latent, k_rope = self._latent_and_rope_key(x, cos, sin)
         k_nope, v = self.wkv_b(latent).view(B, T, H, -1).split([self.nope, self.v_dim], dim=-1)
+        if self.value_embed is not None:
+            v = v + self._value_embeddings(ids, latent).to(v.dtype)
         # One cat each; the shared rope key is broadcast to the heads by expand, not copied first.
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
@@ -226,12 +251,14 @@ class MultiHeadLatentAttention(nn.Module):
         max_logits = kernels.max_causal_logits(q, k, self.softmax_scale, self.probe_chunk_size) if probe else None
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), max_logits
 
-    def _decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, start: int) -> Tensor:
-        """Attention of new tokens x (positions start..) over the cache, wkv_b absorbed.
+    def _decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, start: int, ids: Tensor) -> Tensor:
+        """Attention of new tokens x (positions start..) over the cache, wkv_b absorbed; ids (B, end)
+        are the tokens at positions 0..end-1.
 
         q_nope . (W_k c) = (W_k^T q_nope) . c: the k_nope rows of wkv_b move into the query, and
         sum_j p_j W_v c_j = W_v sum_j p_j c_j: its v rows move after the weighted sum. So keys and
-        values never leave latent space and the cache holds only latent and rope key per token.
+        values never leave latent space and the cache holds only latent and rope key per token; the
+        value embeddings' share, sum_j p_j gate_j e_j, comes from the cached latents and the ids.
         """
         B, T, _ = x.shape
         end = start + T
@@ -243,8 +270,11 @@ class MultiHeadLatentAttention(nn.Module):
         # [q_latent | q_rope] . [latent | k_rope] is the nope and the rope logit in one product.
         scores = torch.einsum("bthc,bsc->bhts", torch.cat([q_latent, q_rope], dim=-1), cache[:, :end])
         scores = (scores * self.softmax_scale).masked_fill(~causal_mask(start, T, end, x.device), float("-inf"))
-        y_latent = torch.einsum("bhts,bsc->bthc", scores.softmax(dim=-1), cache[:, :end, :self.kv_lora_rank])
+        probs = scores.softmax(dim=-1)
+        y_latent = torch.einsum("bhts,bsc->bthc", probs, cache[:, :end, :self.kv_lora_rank])
         y = torch.einsum("bthc,hvc->bthv", y_latent, w_v)
+        if self.value_embed is not None:
+            y = y + torch.einsum("bhts,bshv->bthv", probs, self._value_embeddings(ids, cache[:, :end, :self.kv_lora_rank]))
         return self.wo(y.reshape(B, T, -1))
 
 
@@ -283,7 +313,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (w(x).view(B, T, self.n_head, self.head_dim) for w in (self.wq, self.wk, self.wv))
         return apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin, probe=False, cache=None, start=0):
+    def forward(self, x, cos, sin, probe=False, cache=None, start=0, ids=None):
         B, T, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         if cache is None:
@@ -315,15 +345,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
-        self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else MultiHeadAttention(config)
+        self.attn = MultiHeadLatentAttention(config, layer) if config.attention == "mla" else MultiHeadAttention(config)
         self.mlp_norm = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, probe=False, cache=None, start=0):
-        y, max_logits = self.attn(self.attn_norm(x), cos, sin, probe, cache, start)
+    def forward(self, x, cos, sin, probe=False, cache=None, start=0, ids=None):
+        y, max_logits = self.attn(self.attn_norm(x), cos, sin, probe, cache, start, ids)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), max_logits
 
@@ -333,9 +363,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.n_embd, eps=NORM_EPS)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        L = config.n_layer  # modded-nanogpt's and nanochat's per-layer scalars, each an option
+        self.resid_lambdas = nn.Parameter(torch.linspace(1.15, 1.05, L)) if config.layer_lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.linspace(0.20, 0.05, L)) if config.layer_lambdas else None
+        self.smear_gate = nn.Parameter(torch.zeros(SMEAR_CHANNELS)) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(())) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.tensor(0.2)) if config.backout else None
         rope_dim = config.qk_rope_head_dim if config.attention == "mla" else config.head_dim
         cos, sin = rope_tables(rope_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -344,13 +380,26 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self):
-        # Hidden matrices: std 0.5 / sqrt(fan_in), the speedrun's scale (it draws uniform), so a
-        # layer's output starts at half its input's RMS; Muon's updates set the scale from there.
+        # "speedrun": hidden matrices std 0.5 / sqrt(fan_in) (the speedrun's scale, drawn normal), so
+        # a layer's output starts at half its input's RMS; Muon's updates set the scale from there.
         # The embedding has std 1, the RMS that the pre-norm blocks normalise to anyway.
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
+        # "nanochat": uniform with std 1 / sqrt(fan_in) (no outliers), 0.4x for the MLP's first
+        # matrix, embedding std 0.8, head std 0.001.
+        nanochat = self.config.init == "nanochat"
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and nanochat:
+                bound = math.sqrt(3 / module.in_features) * (0.4 if name.endswith("mlp.fc") else 1.0)
+                module.weight.uniform_(-bound, bound)
+            elif isinstance(module, nn.Linear):
                 module.weight.normal_(std=0.5 / math.sqrt(module.in_features))
-        self.wte.weight.normal_(std=1.0)
+            elif isinstance(module, nn.Embedding) and module is not self.wte:  # value embeddings, as v's weights
+                module.weight.uniform_(-math.sqrt(3 / self.config.n_embd), math.sqrt(3 / self.config.n_embd))
+        self.wte.weight.normal_(std=0.8 if nanochat else 1.0)
+        for block in self.blocks:
+            if getattr(block.attn, "ve_gate", None) is not None:  # a little above neutral (3 sigmoid(0) = 1.5)
+                block.attn.ve_gate.weight.uniform_(0.0, 0.02)
+        if self.smear_gate is not None:
+            self.smear_gate.uniform_(0.0, 0.02)
         # Zero the matrices that write into the residual stream and the head: every block starts
         # as the identity, the initial loss is exactly ln(padded_vocab_size), and the first
         # updates, not random init, decide what each block adds (the speedrun's choice). The cost:
@@ -359,12 +408,16 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.wo.weight.zero_()
             block.mlp.proj.weight.zero_()
-        self.lm_head.weight.zero_()
+        if nanochat:
+            self.lm_head.weight.normal_(std=0.001)
+        else:
+            self.lm_head.weight.zero_()
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """All parameters; non_embedding=True leaves out the token embedding (a lookup, no FLOPs)."""
+        """All parameters; non_embedding=True leaves out the embeddings (lookups, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if non_embedding else n
+        embeddings = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n - embeddings if non_embedding else n
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 per weight of every matmul, plus attention's QK^T and AV.
@@ -407,16 +460,36 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds GPTConfig.block_size={self.config.block_size}")
-        x = self.wte(idx)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        max_logits = []
-        for block in self.blocks:
-            x, layer_max = block(x, cos, sin, probe)
-            max_logits.append(layer_max)
+        x, max_logits = self._trunk(self._embed(idx), idx, self.rope_cos[:T], self.rope_sin[:T], probe)
         logits = self._logits(x)
         if targets is not None:
             logits = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return (logits, torch.stack(max_logits)) if probe else logits
+
+    def _embed(self, idx: Tensor) -> Tensor:
+        """The first block's input: the token embeddings, normalised and with a gated share of the
+        previous token's added (smear), where those options are on."""
+        x = self.wte(idx)
+        if self.config.embed_norm:
+            x = F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
+        if self.smear_gate is not None:
+            gate = self.smear_lambda * torch.sigmoid(x[:, 1:, :SMEAR_CHANNELS] @ self.smear_gate)
+            x = torch.cat([x[:, :1], x[:, 1:] + gate.unsqueeze(-1) * x[:, :-1]], dim=1)
+        return x
+
+    def _trunk(self, x: Tensor, ids: Tensor, cos: Tensor, sin: Tensor, probe: bool = False,
+               caches: list[Tensor] | None = None, start: int = 0) -> tuple[Tensor, list]:
+        """The blocks, with the per-layer lambdas and the backout: (last residual, each layer's max logits)."""
+        x0, middle, max_logits = x, None, []
+        for i, block in enumerate(self.blocks):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            x, layer_max = block(x, cos, sin, probe, None if caches is None else caches[i], start, ids)
+            max_logits.append(layer_max)
+            middle = x if i == len(self.blocks) // 2 else middle
+        if self.backout_lambda is not None:  # takes out what the middle block's residual gave the head
+            x = x - self.backout_lambda * middle
+        return x, max_logits
 
     def _logits(self, x: Tensor) -> Tensor:
         logits = self.lm_head(self.norm_f(x))
@@ -458,18 +531,17 @@ class GPT(nn.Module):
             elif step == 0 or idx.size(1) > L:
                 logits = self._cached_logits(idx[:, -L:], caches, start=0)
             else:
-                logits = self._cached_logits(idx[:, -1:], caches, start=idx.size(1) - 1)
+                logits = self._cached_logits(idx, caches, start=idx.size(1) - 1)
             next_token = pick_token(logits[:, :self.config.vocab_size], temperature, top_k, greedy_rows)
             idx = torch.cat([idx, next_token], dim=1)
         return idx[0] if one_sequence else idx
 
-    def _cached_logits(self, idx: Tensor, caches: list[Tensor], start: int) -> Tensor:
-        """Logits (B, V) after the last token of idx, whose tokens sit at positions start..; fills the caches."""
-        T = idx.size(1)
-        x = self.wte(idx)
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        for block, cache in zip(self.blocks, caches):
-            x, _ = block(x, cos, sin, cache=cache, start=start)
+    def _cached_logits(self, context: Tensor, caches: list[Tensor], start: int) -> Tensor:
+        """Logits (B, V) after the last token of context (B, end), the tokens at positions 0..end-1;
+        those from start on are new, and fill the caches."""
+        end = context.size(1)
+        x = self._embed(context[:, max(start - 1, 0):])[:, min(start, 1):]  # the smear needs the token before
+        x, _ = self._trunk(x, context, self.rope_cos[start:end], self.rope_sin[start:end], caches=caches, start=start)
         return self._logits(x[:, -1])
 
 

@@ -310,14 +310,29 @@ def lr_factor(step: int, s: ScheduleConfig) -> float:
     return s.min_lr_frac + (1 - s.min_lr_frac) * steps_left / cooldown_steps
 
 
-def set_schedule(optimizer: muon.Muon, cfg: Config, step: int) -> None:
-    """Every group's lr for this step, and Muon's warming-up momentum."""
-    s = cfg.schedule
+def muon_momentum(step: int, cfg: Config) -> float:
+    """Linear from schedule.momentum_start to optim.momentum over the momentum warmup; then, with
+    schedule.momentum_cooldown, linear to it over the lr cooldown (nanochat's 0.85 -> 0.97 -> 0.90)."""
+    s, peak = cfg.schedule, cfg.optim.momentum
     warmed = min(step / s.momentum_warmup_steps, 1.0) if s.momentum_warmup_steps else 1.0
+    momentum = s.momentum_start + (peak - s.momentum_start) * warmed
+    cooldown_steps = round(s.cooldown_frac * s.steps)
+    cooled = (step - (s.steps - cooldown_steps)) / cooldown_steps if cooldown_steps else 0.0
+    if s.momentum_cooldown >= 0 and cooled > 0:
+        momentum = peak + (s.momentum_cooldown - peak) * cooled
+    return momentum
+
+
+def set_schedule(optimizer: muon.Muon, cfg: Config, step: int) -> None:
+    """Every group's lr for this step; Muon's momentum, and its weight decay on a cosine to 0 with
+    schedule.weight_decay_cosine."""
+    s = cfg.schedule
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, s)
         if group["use_muon"]:
-            group["momentum"] = s.momentum_start + (cfg.optim.momentum - s.momentum_start) * warmed
+            group["momentum"] = muon_momentum(step, cfg)
+            if s.weight_decay_cosine:
+                group["weight_decay"] = cfg.optim.weight_decay * 0.5 * (1 + math.cos(math.pi * step / s.steps))
 
 
 def restore(checkpoint: dict, path: Path, changes: list, cfg: Config, model: GPT, optimizer: muon.Muon,

@@ -10,9 +10,9 @@ import torch
 
 import data.demo
 import train
-from bench import (communication, memory, muon_vs_adamw, muonclip, optimizer_options, optimizer_step, peer,
+from bench import (communication, memory, muon_vs_adamw, muonclip, optimizer_options, optimizer_step, peer, recipe,
                    singular_values, spectrum, toy_power20, train_throughput)
-from config import gpt_config
+from config import build_config, gpt_config, read_toml, split_argv, validate
 from data.demo import ensure_demo_shards
 from tests.test_train import metrics, tiny_config, tiny_data  # noqa: F401
 
@@ -199,3 +199,11 @@ def test_optimizer_options_runs_each_variant_and_tables_them(tmp_path, capsys):
     assert rows[0]["mean"] != rows[1]["mean"]  # the options changed the run
     assert "| all | --optim.normuon" in capsys.readouterr().out
     assert_png(tmp_path / "options.png")
+
+
+def test_every_recipe_variant_is_a_train_py_command_line_that_validates():
+    """bench.recipe's variants are overrides of configs/demo.toml, as its runs pass them to train.py."""
+    for name, overrides in recipe.VARIANTS.items():
+        flags, pairs = split_argv(overrides)
+        assert not flags, name
+        validate(build_config(read_toml("configs/demo.toml"), f"bench.recipe {name}", pairs), world_size=1, vocab_size=257)

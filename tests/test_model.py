@@ -26,6 +26,10 @@ KINDS = {  # name -> changes to a tiny config
     "mla-qlora": dict(attention="mla", q_lora_rank=24),
     "mha": dict(attention="mha"),
     "mla-softcap": dict(attention="mla", logit_softcap=3.0),
+    # every option of the model at once: a norm after the embedding, the smear, per-layer lambdas,
+    # value embeddings on alternating layers, the backout, a softcap
+    "mla-all": dict(attention="mla", embed_norm=True, smear=True, layer_lambdas=True, value_embeds=True,
+                    backout=True, logit_softcap=15.0),
 }
 
 
@@ -69,8 +73,8 @@ def rope(x, theta):
     return torch.cat([z.real, z.imag], dim=-1)
 
 
-def reference_attention(attn, x, c: GPTConfig):
-    """Causally masked logits (B, H, T, T) and the layer's output (B, T, d)."""
+def reference_attention(attn, x, c: GPTConfig, idx):
+    """Causally masked logits (B, H, T, T) and the layer's output (B, T, d), for tokens idx (B, T)."""
     B, T, _ = x.shape
     H = c.n_head
     if c.attention == "mla":
@@ -82,8 +86,12 @@ def reference_attention(attn, x, c: GPTConfig):
         q = q.view(B, T, H, n + r)
         kv_a = x @ attn.wkv_a.weight.T
         latent, shared_key = kv_a[..., :c.kv_lora_rank], kv_a[..., c.kv_lora_rank:]
-        kv = (rms_norm(latent, attn.kv_norm) @ attn.wkv_b.weight.T).view(B, T, H, n + c.v_head_dim)
+        normed = rms_norm(latent, attn.kv_norm)
+        kv = (normed @ attn.wkv_b.weight.T).view(B, T, H, n + c.v_head_dim)
         k_nope, values = kv[..., :n], kv[..., n:]
+        if attn.value_embed is not None:  # each head's gate in (0, 3) from the latent's first 12 channels
+            gate = 3 * torch.sigmoid(normed[..., :12] @ attn.ve_gate.weight.T)
+            values = values + gate[..., None] * attn.value_embed.weight[idx].view(B, T, H, c.v_head_dim)
         q_rope, k_rope = rope(q[..., n:], c.rope_theta), rope(shared_key[:, :, None, :], c.rope_theta)[:, :, 0]
         logits = torch.einsum("bihd,bjhd->bhij", q[..., :n], k_nope) + torch.einsum("bihd,bjd->bhij", q_rope, k_rope)
         logits = logits / math.sqrt(n + r)
@@ -99,13 +107,25 @@ def reference_gpt(model: GPT, idx):
     """Logits (B, T, padded V), and per layer the attention logits (B, H, T, T) and the attention's input."""
     c = model.config
     x = model.wte.weight[idx]
+    if c.embed_norm:
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    if c.smear:  # x_t += lambda sigmoid(w . x_t[:24]) x_{t-1}
+        gate = model.smear_lambda * torch.sigmoid(x[:, 1:, :24] @ model.smear_gate)
+        x = torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
+    x0, middle = x, None
     layer_logits, layer_inputs = [], []
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
+        if c.layer_lambdas:
+            x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
         layer_inputs.append(rms_norm(x, block.attn_norm))
-        logits, out = reference_attention(block.attn, layer_inputs[-1], c)
+        logits, out = reference_attention(block.attn, layer_inputs[-1], c, idx)
         layer_logits.append(logits)
         x = x + out
         x = x + torch.relu(rms_norm(x, block.mlp_norm) @ block.mlp.fc.weight.T).square() @ block.mlp.proj.weight.T
+        if i == c.n_layer // 2:
+            middle = x
+    if c.backout:
+        x = x - model.backout_lambda * middle
     logits = rms_norm(x, model.norm_f) @ model.lm_head.weight.T
     if c.logit_softcap:
         logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
@@ -399,17 +419,23 @@ def expected_params(c: GPTConfig) -> int:
     else:
         attention = 4 * d * H * c.head_dim
     block = attention + 2 * 4 * d * d + 2 * d  # attention, MLP, two norm gains
-    return V * d + c.n_layer * block + d + d * V  # embedding, blocks, final norm, head
+    value_embeds = sum(V * c.n_head * c.v_head_dim + 12 * c.n_head for layer in range(c.n_layer)
+                       if c.value_embeds and layer % 2 == (c.n_layer - 1) % 2)  # table and gate
+    scalars = 2 * c.n_layer * c.layer_lambdas + (24 + 1) * c.smear + c.backout
+    return V * d + c.n_layer * block + d + d * V + value_embeds + scalars  # embedding, blocks, final norm, head
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, "tiny-mla+qlora"])
+@pytest.mark.parametrize("name", [*CONFIGS, "tiny-mla+qlora", "tiny-mla-all"])
 def test_parameter_counts(name):
-    config = dataclasses.replace(CONFIGS["tiny-mla"], q_lora_rank=32) if name == "tiny-mla+qlora" else CONFIGS[name]
+    config = {"tiny-mla+qlora": dataclasses.replace(CONFIGS["tiny-mla"], q_lora_rank=32),
+              "tiny-mla-all": dataclasses.replace(CONFIGS["tiny-mla"], **KINDS["mla-all"])}.get(name) or CONFIGS[name]
     with torch.device("meta"):
         model = GPT(config)
-    print(f"{name}: {model.num_params():,} parameters, {model.num_params(non_embedding=True):,} without the embedding")
+    print(f"{name}: {model.num_params():,} parameters, {model.num_params(non_embedding=True):,} without the embeddings")
     assert model.num_params() == expected_params(config)
-    assert model.num_params(non_embedding=True) == expected_params(config) - config.padded_vocab_size * config.n_embd
+    value_embed_layers = (config.n_layer + 1) // 2 if config.value_embeds else 0  # alternating, the last included
+    embeddings = config.padded_vocab_size * (config.n_embd + value_embed_layers * config.n_head * config.v_head_dim)
+    assert model.num_params(non_embedding=True) == expected_params(config) - embeddings
     assert CONFIGS["gpt124m-mla"].padded_vocab_size == 50304
 
 
@@ -433,7 +459,7 @@ def test_cached_attention_equals_uncached(kind):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["mla", "mla-qlora", "mha"])
+@pytest.mark.parametrize("kind", ["mla", "mla-qlora", "mha", "mla-all"])
 def test_cached_generation_gives_the_uncached_tokens(kind):
     model = random_model(tiny(kind))
     prompt = tokens(2, 5)
@@ -486,7 +512,7 @@ def test_one_batch_decodes_some_rows_greedily_and_samples_the_others():
 # MuonClip end to end
 
 
-@pytest.mark.parametrize("kind", ["mla", "mla-qlora", "mha"])
+@pytest.mark.parametrize("kind", ["mla", "mla-qlora", "mha", "mla-all"])
 def test_qk_clip_caps_the_probed_heads_at_tau(kind):
     model = random_model(tiny(kind))
     with torch.no_grad():  # push logits up: every q and k row x3, so logits x9
@@ -500,7 +526,8 @@ def test_qk_clip_caps_the_probed_heads_at_tau(kind):
     over = before > tau
     assert over[0].any() and (~over[0]).any() and before.max() > 2
     untouched = {name: p.clone() for name, p in model.named_parameters()
-                 if name.split(".")[-2] in ("wkv_a", "wq_a", "wv", "wo", "kv_norm", "q_norm")}
+                 if name.split(".")[-2:-1] in (["wkv_a"], ["wq_a"], ["wv"], ["wo"], ["kv_norm"], ["q_norm"],
+                                                ["value_embed"], ["ve_gate"])}
 
     n_clipped = muon.qk_clip_(model.attention_heads(), before, tau)
 
@@ -513,7 +540,7 @@ def test_qk_clip_caps_the_probed_heads_at_tau(kind):
     # inputs it saw before: each clipped head's logits all scale by gamma, the others stay put.
     gamma = torch.where(over, tau / before, 1.0).double()
     for layer, (block, x, old) in enumerate(zip(model.blocks, layer_inputs, logits_before)):
-        new, _ = reference_attention(block.attn, x, model.config)
+        new, _ = reference_attention(block.attn, x, model.config, idx)
         for h in range(model.config.n_head):
             if over[layer, h]:
                 torch.testing.assert_close(new[:, h], old[:, h] * gamma[layer, h], rtol=1e-6, atol=1e-12)
@@ -535,7 +562,7 @@ def test_head_blocks_are_the_heads_the_forward_uses(kind):
     names = dict(model.named_parameters())
     assert set(blocks) <= set(names) and len(blocks) == c.n_layer * (3 if c.attention == "mla" else 4)
     x = torch.randn(2, 12, c.n_embd, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    logits, _ = reference_attention(attn, x, c)
+    logits, _ = reference_attention(attn, x, c, None)  # layer 0: no value embeddings, no tokens needed
     v_width = c.v_head_dim if c.attention == "mla" else c.head_dim
     for name, (r, cols) in blocks.items():
         if not name.startswith("blocks.0."):
@@ -549,7 +576,7 @@ def test_head_blocks_are_the_heads_the_forward_uses(kind):
         with torch.no_grad():
             rows = slice(h * weight.size(0) // r, (h + 1) * weight.size(0) // r)
             weight[rows] += 0.5
-            changed, _ = reference_attention(attn, x, c)
+            changed, _ = reference_attention(attn, x, c, None)
             weight[rows] -= 0.5
         others = [i for i in range(c.n_head) if i != h]
         assert torch.equal(changed[:, others], logits[:, others]), name

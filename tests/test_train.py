@@ -501,6 +501,29 @@ def test_trapezoid_schedule_and_momentum_warmup():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * factors[8])
 
 
+def test_momentum_cooldown_and_cosine_weight_decay():
+    """nanochat's schedules: Muon momentum warms up 0.85 -> 0.97, holds, then goes linearly to 0.90
+    over the lr cooldown; Muon's weight decay follows a cosine from its value to 0 over the run."""
+    s = ScheduleConfig(steps=10, cooldown_frac=0.4, momentum_start=0.85, momentum_warmup_steps=4,
+                       momentum_cooldown=0.90, weight_decay_cosine=True)
+    cfg = Config(schedule=s)
+    cfg.optim.momentum, cfg.optim.weight_decay = 0.97, 0.2
+    model = torch.nn.Linear(4, 4, bias=False)
+    optimizer = torch.optim.SGD([dict(params=model.parameters(), use_muon=True, base_lr=1.0),
+                                 dict(params=[torch.nn.Parameter(torch.zeros(2))], use_muon=False, base_lr=1.0,
+                                      weight_decay=0.01)], lr=1.0)
+    moments, decays = [], []
+    for step in range(10):
+        train.set_schedule(optimizer, cfg, step)
+        moments.append(optimizer.param_groups[0]["momentum"])
+        decays.append(optimizer.param_groups[0]["weight_decay"])
+    # warmup over steps 0..4; the cooldown is the last 4 steps (6..9): linear from 0.97 at step 6
+    assert moments == pytest.approx([0.85, 0.88, 0.91, 0.94, 0.97, 0.97, 0.97, 0.97 - 0.07 / 4, 0.97 - 0.07 / 2,
+                                     0.97 - 0.07 * 3 / 4])
+    assert decays == pytest.approx([0.2 * 0.5 * (1 + math.cos(math.pi * step / 10)) for step in range(10)])
+    assert optimizer.param_groups[1]["weight_decay"] == 0.01  # AdamW groups keep their own
+
+
 def test_flops_per_token_is_nanogpts_for_mha_and_uses_mla_widths():
     L, H, T = 12, 12, 1024
     with torch.device("meta"):  # shapes only: no 124M weights to fill
