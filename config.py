@@ -109,6 +109,9 @@ class LogConfig:
     spectrum_every: int = 0        # steps per momentum-spectrum measurement; 0 = off; a multiple of every
     spectrum_matrices: list[str] = field(default_factory=lambda: ["attn.wo", "mlp.fc", "mlp.proj"])  # in every block
     sample_every: int = 500        # steps per prompt completions; 0 = only at the end
+    hellaswag_every: int = 3200    # steps per HellaSwag accuracy (hellaswag.py), and at the end of the run; 0 = off
+    hellaswag_file: str = ""       # a file in HellaSwag's format; "" = its validation split, fetched to data/cache/hellaswag
+    hellaswag_items: int = 0       # score the first this-many items; 0 = all
     prompts: list[str] = field(default_factory=lambda: ["The capital of France is", "Once upon a time,",
                                                         "The meaning of life is"])
     sample_mode: str = "both"      # "greedy", "sampled" or "both"
@@ -308,7 +311,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
             f"0 or a multiple of log.every = {lg.every} (the max logits are measured on logged steps)")
     require(lg.spectrum_every >= 0 and lg.spectrum_every % lg.every == 0, "log.spectrum_every", lg.spectrum_every,
             f"0 or a multiple of log.every = {lg.every}")
-    for key in ("val_every", "sample_every", "top_k"):
+    for key in ("val_every", "sample_every", "top_k", "hellaswag_every", "hellaswag_items"):
         require(getattr(lg, key) >= 0, f"log.{key}", getattr(lg, key), ">= 0")
     require(all(lg.prompts), "log.prompts", lg.prompts, "non-empty strings")
     require(lg.sample_mode in ("greedy", "sampled", "both"), "log.sample_mode", lg.sample_mode,

@@ -242,7 +242,7 @@ def start_wandb(cfg, run_dir: Path, run_config: dict, run_id: str | None, last_s
         return None
     # Charts against tokens seen, so runs with other batch sizes line up; val/loss keeps its best.
     run.define_metric("train/tokens")
-    for prefix in ("train/*", "val/*", "attn/*", "spectrum/*"):
+    for prefix in ("train/*", "val/*", "eval/*", "attn/*", "spectrum/*"):
         run.define_metric(prefix, step_metric="train/tokens")
     run.define_metric("val/loss", summary="min")
     return run

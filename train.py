@@ -16,8 +16,8 @@ Everything a run writes goes to train.run_dir, from rank 0 only (checkpoint.py, 
 torchrun every rank runs this file; gradient accumulation keeps train.batch_tokens per optimizer
 step whatever the number of ranks.
 
-Reading order: main (command line, device, run dir); run (build, then the loop: validate, complete
-prompts, checkpoint, train a step, log); then what the loop calls.
+Reading order: main (command line, device, run dir); run (build, then the loop: validate, score
+HellaSwag, complete prompts, checkpoint, train a step, log); then what the loop calls.
 """
 
 import copy
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hellaswag
 import muon
 from checkpoint import (RESUME_MODES, Checkpoints, RunError, StopSignals, check_gradients_match_across_ranks,
                         claimed_run_dir, continues_run, read_checkpoint, resolve_resume, restart_store,
@@ -87,6 +88,7 @@ def run(cfg: Config, tokenizer, grad_accum: int, resumed: dict | None, resume_pa
     if cfg.log.spectrum_every and unknown:
         raise ConfigError(f"log.spectrum_matrices: {sorted(unknown)} are not matrices of a block; "
                           f"valid names: {', '.join(spectrum_names(model))}")
+    hellaswag_items = load_hellaswag(cfg) if cfg.log.hellaswag_every else []
     changes = config_changes(resumed["config"], asdict(cfg)) if resumed else []
     step, clock = 0, TrainClock(device)
     if resumed:
@@ -118,9 +120,9 @@ def run(cfg: Config, tokenizer, grad_accum: int, resumed: dict | None, resume_pa
                       f"tokens in {seconds:.1f}s, then weights, optimizer state and RNG put back (not counted as training)")
         checkpoints = Checkpoints(Path(cfg.train.run_dir), log.enabled)
 
-        # The loop. At a step, in this order: validate, complete the prompts, write the checkpoint (so
-        # every value of a step is logged before its checkpoint, and a run resumed from it starts
-        # with training), then train one step; every log.every steps, check and log the interval.
+        # The loop. At a step, in this order: validate, score HellaSwag, complete the prompts, write the
+        # checkpoint (so every value of a step is logged before its checkpoint, and a run resumed from
+        # it starts with training), then train one step; every log.every steps, check and log the interval.
         steps, target = cfg.schedule.steps, cfg.train.target_val_loss
         resumed_at, stop_signal, target_reached = step if resumed else None, None, False
         interval, wall_start = Interval(step, clock.total), time.perf_counter()
@@ -142,6 +144,13 @@ def run(cfg: Config, tokenizer, grad_accum: int, resumed: dict | None, resume_pa
                               f"{'warmed up before, excluded' if cfg.train.compile_warmup_steps else 'included'}), "
                               f"{time.perf_counter() - wall_start:.1f}s wall")
                     log.summary({"target/step": step, "target/train_time_s": clock.total})
+            if not before_its_checkpoint and hellaswag_items and (at_end or step and due(step, cfg.log.hellaswag_every)):
+                clock.stop()
+                started = time.perf_counter()
+                acc, acc_norm, total = hellaswag.score(model, tokenizer, hellaswag_items, bf16=cfg.train.bf16)
+                log.scalars(step, {"eval/hellaswag_acc": acc, "eval/hellaswag_acc_norm": acc_norm})
+                log.print(f"step {step:5d}/{steps} | hellaswag acc {acc:.4f}, acc_norm {acc_norm:.4f} over {total:,} "
+                          f"items ({time.perf_counter() - started:.1f}s)")
             if not before_its_checkpoint and (at_end or step and due(step, cfg.log.sample_every)):
                 clock.stop()
                 log.completions_table(step, complete_prompts(model, tokenizer, cfg) if log.enabled else [])
@@ -258,6 +267,19 @@ def load_tokenizer(cfg: Config):
                 if isinstance(e, TokenizerDownloadError) else "")
         raise ConfigError(f"data.tokenizer = {cfg.data.tokenizer!r}, data.tokenizer_file = "
                           f"{cfg.data.tokenizer_file!r}: {e}{hint}") from None
+
+
+def load_hellaswag(cfg: Config) -> list[hellaswag.Item]:
+    """The items log.hellaswag_every scores, read (or fetched) before any training."""
+    lg = cfg.log
+    try:
+        items = hellaswag.read_items(Path(lg.hellaswag_file)) if lg.hellaswag_file else hellaswag.validation_items()
+    except OSError as e:
+        raise ConfigError(f"log.hellaswag_file = {lg.hellaswag_file!r}: {e.strerror or e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"log.hellaswag_every = {lg.hellaswag_every}: {e} (or --log.hellaswag_every 0 to train "
+                          "without it)") from None
+    return items[:lg.hellaswag_items] if lg.hellaswag_items else items
 
 
 def build_loaders(cfg: Config, rank: int, world_size: int, device: torch.device, vocab_size: int):

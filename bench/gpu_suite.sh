@@ -35,7 +35,8 @@ run memory 60 python -m bench.memory --out "$LOG_DIR/memory.png"
 run train_gpu 120 env TORCH_LOGS=recompiles python train.py --config configs/gpu.toml --data.dir "$CORPUS" \
     --data.train_files 'train_*.bin' --data.val_files 'val_*.bin' --data.val_tokens 524288 \
     --data.tokenizer_file "$RANKS" --schedule.steps 50 --log.val_every 0 --log.sample_every 0 \
-    --log.heatmap_every 0 --train.checkpoint_every 0 --train.run_dir "$LOG_DIR/run_gpu" --log.wandb disabled
+    --log.heatmap_every 0 --log.hellaswag_every 0 --train.checkpoint_every 0 --train.run_dir "$LOG_DIR/run_gpu" \
+    --log.wandb disabled
 run muonclip 90 python -m bench.muonclip --data-dir "$CORPUS" --steps 150 --out "$LOG_DIR/muonclip.png"
 run muon_vs_adamw 150 python -m bench.muon_vs_adamw --data-dir "$CORPUS" --steps 150 --sweep-steps 40 \
     --out "$LOG_DIR/muon_vs_adamw.png"

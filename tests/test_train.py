@@ -67,6 +67,7 @@ every = 1
 val_every = 3
 heatmap_every = 3
 sample_every = 3
+hellaswag_every = 0
 prompts = ["The capital of France is"]
 sample_mode = "sampled"
 max_new_tokens = 4
