@@ -725,6 +725,20 @@ class AttentionHeads:
     qk_rope_dim: int = 0
     v_dim: int = 0
 
+    @classmethod
+    def mha(cls, q_weight: Tensor, k_weight: Tensor, n_heads: int) -> "AttentionHeads":
+        """Standard multi-head attention's heads: q = x @ q_weight.T and k = x @ k_weight.T, head h in
+        rows h d .. (h + 1) d of each (d = rows / n_heads), RoPE on all of q and k, part or none (it is
+        linear, so scaling a head's q and k rows by sqrt(gamma) scales its logits by gamma). Grouped-
+        query attention, fewer k heads than q heads, is not this layout: a k head serves several q heads.
+
+            heads = [muon.AttentionHeads.mha(layer.wq.weight, layer.wk.weight, n_heads=8) for layer in layers]
+        """
+        if q_weight.shape != k_weight.shape:
+            raise ValueError(f"q_weight {tuple(q_weight.shape)} and k_weight {tuple(k_weight.shape)}: expected one "
+                             "shape (one k head per q head; grouped-query attention is not supported)")
+        return cls(q_weight, k_weight, n_heads, q_weight.size(0) // n_heads)
+
     def __post_init__(self):
         H = self.n_heads
         expected_q = H * (self.qk_nope_dim + self.qk_rope_dim)
@@ -738,6 +752,20 @@ class AttentionHeads:
 
 
 @torch.no_grad()
+def max_logits(q: Tensor, k: Tensor, softmax_scale: float | None = None, causal: bool = True) -> Tensor:
+    """Each head's largest pre-softmax logit over a batch, (n_heads,) fp32: what qk_clip_ needs from
+    one layer of a model without a probe of its own. q and k as scaled_dot_product_attention takes
+    them, (B, n_heads, T, d), roped; softmax_scale defaults to 1/sqrt(d) as SDPA's does. It builds
+    every (T, T) score matrix at once (model.py's probe takes tiles of them; kernels.py)."""
+    scale = q.size(-1) ** -0.5 if softmax_scale is None else softmax_scale
+    scores = (q.detach() @ k.detach().mT).float() * scale
+    if causal:
+        T = q.size(-2)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return scores.amax(dim=(0, 2, 3))
+
+
+@torch.no_grad()
 def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float, alpha: float = 0.5,
              check_finite: bool = True, compile: bool = False) -> Tensor:
     """Rescale, in place, every head whose max logit S exceeds tau so that its logits scale by tau / S.
@@ -748,8 +776,8 @@ def qk_clip_(layers: list[AttentionHeads], max_logits: Tensor, tau: float, alpha
     rows *= gamma (the rope key is shared by all heads), so every logit of the head scales by gamma
     and re-running the batch gives max logit tau. alpha = 0.5 is Kimi K2's even split; Megatron-LM
     offers the same alpha (--qk-clip-alpha). Heads at or below tau are multiplied by exactly 1.
-    Returns the number of clipped heads as a 0-dim tensor, so the caller decides when to pay for
-    a device sync.
+    Returns how many heads were clipped as a 0-dim tensor (.item() for the number), so the caller
+    decides when to pay for a device sync.
 
     A non-finite S (a diverged run) never touches the weights: gamma = tau / inf = 0 would zero the
     head's q and k for good. With check_finite (the default) it is a ValueError naming the layer

@@ -227,12 +227,15 @@ def start_wandb(cfg, run_dir: Path, run_config: dict, run_id: str | None, last_s
             mode = lg.wandb
             if mode == "auto":
                 mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
+            # W&B's own quiet setting: no history and summary printed when the run ends (they land in
+            # the run all the same), unless WANDB_QUIET says otherwise.
+            quiet = {} if "WANDB_QUIET" in os.environ else dict(settings=wandb.Settings(quiet=True))
             run = wandb.init(
                 project=lg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
                 name=lg.wandb_name or os.environ.get("WANDB_NAME") or run_dir.name,
                 # None: wandb reads WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_NOTES itself.
                 entity=lg.wandb_entity or None, group=lg.wandb_group or None, tags=lg.wandb_tags or None,
-                notes=lg.wandb_notes or None, dir=run_dir, config=run_config, mode=mode, **rewind)
+                notes=lg.wandb_notes or None, dir=run_dir, config=run_config, mode=mode, **rewind, **quiet)
             break
         except Exception as e:
             then = "logging to a new W&B run" if rewind else "continuing with W&B disabled"

@@ -144,7 +144,7 @@ class ValLoader:
         self.rank = rank
         self.device = torch.device(device)
         # One token more than asked: the last input still needs its target.
-        self.tokens = first_tokens(find_shards(pattern), num_tokens + 1, pattern, self.step_tokens)
+        self.tokens = first_tokens(find_shards(pattern), num_tokens + 1, pattern, world_size, batch_size, seq_len)
 
     def __len__(self):
         return self.num_tokens // self.step_tokens
@@ -156,8 +156,10 @@ class ValLoader:
             yield to_batch(self.tokens[start:start + rank_tokens + 1], self.batch_size, self.seq_len, self.device)
 
 
-def first_tokens(files, count, pattern, multiple=1):
-    """The first count tokens of files read as one stream, in memory (val sets are small)."""
+def first_tokens(files, count, pattern, world_size=1, batch_size=1, seq_len=1):
+    """The first count tokens of files read as one stream, in memory (val sets are small). Too few is
+    a ValueError that names the settings that would fit: val tokens come in whole batches of
+    world_size x batch_size x seq_len, plus one token for the last target."""
     parts, have = [], 0
     for f in files:
         if have == count:
@@ -166,11 +168,17 @@ def first_tokens(files, count, pattern, multiple=1):
         parts.append(np.array(part))  # a copy, so the memmap can close
         have += len(part)
     if have < count:
-        fits = (have - 1) // multiple * multiple  # the most val tokens these shards can give
-        hint = (f"; set data.val_tokens to at most {fits} (a multiple of {multiple})" if fits > 0
-                else f"; they need at least {multiple + 1} tokens for one validation batch of "
-                     f"{multiple} (world size x train.micro_batch_size x data.seq_len): lower train.micro_batch_size "
-                     f"or data.seq_len, or give the val set more text")
+        batch = world_size * batch_size * seq_len
+        fits = (have - 1) // batch * batch  # the most val tokens these shards can give
+        if fits > 0:
+            hint = f"; set data.val_tokens to at most {fits} (a multiple of {batch})"
+        else:  # not even one batch: name the largest micro-batch or sequence that fits, with its val tokens
+            options = [(key, n, n * batch // (batch_size if key.startswith("train") else seq_len))
+                       for key, n in (("train.micro_batch_size", (have - 1) // (world_size * seq_len)),
+                                      ("data.seq_len", (have - 1) // (world_size * batch_size))) if n > 0]
+            hint = (f"; one validation batch needs {batch + 1} tokens: set "
+                    + " or ".join(f"{key} to at most {n} (and data.val_tokens to {tokens})" for key, n, tokens in options)
+                    if options else f"; one validation batch needs {batch + 1}: give the val set more text")
         raise ValueError(f"val shards matching {pattern} hold {have} tokens, fewer than the {count} needed "
                          f"({count - 1} val tokens + 1 for the last target){hint}")
     return np.concatenate(parts)

@@ -403,6 +403,19 @@ def test_val_loader_errors(val_shards):
     ValLoader(val_shards, 144, 1, 16)  # 144 tokens + 1 target fit in 150
 
 
+def test_a_val_set_smaller_than_one_batch_names_the_batch_and_sequence_that_fit(tmp_path):
+    write_shard(tmp_path / "val_000000.bin", np.arange(1000) % 200)
+    message = (r"hold 1000 tokens, fewer than the 2049 needed .* one validation batch needs 2049 tokens: set "
+               r"train.micro_batch_size to at most 7 \(and data.val_tokens to 896\) or data.seq_len to at most 62 "
+               r"\(and data.val_tokens to 992\)")
+    with pytest.raises(ValueError, match=message):
+        ValLoader(tmp_path / "val_*.bin", 2048, 16, 128)
+    assert len(ValLoader(tmp_path / "val_*.bin", 896, 7, 128)) == 1  # what it names fits
+    assert len(ValLoader(tmp_path / "val_*.bin", 992, 16, 62)) == 1
+    with pytest.raises(ValueError, match=r"one validation batch needs 1000001: give the val set more text"):
+        ValLoader(tmp_path / "val_*.bin", 1_000_000, 1000, 1000)  # neither a smaller batch nor sequence fits
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_loaders_put_batches_on_the_gpu(train_shards, val_shards):
     x, y = next(TrainLoader(train_shards, B, T, device="cuda"))
