@@ -31,6 +31,10 @@ from config import ConfigError
 from data.shard import write_atomically
 
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "loader", "rng", "config", "train_time_s")
+# Model keys newer than some checkpoints, each with the value that builds the model such a
+# checkpoint holds: a saved config without the key predates the option, which was then off.
+MODEL_KEYS_ADDED = {"embed_norm": False, "layer_lambdas": False, "smear": False, "backout": False,
+                    "value_embeds": False, "init": "speedrun"}
 
 
 class RunError(RuntimeError):
@@ -52,7 +56,8 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def read_checkpoint(path: Path, flag: str = "--resume") -> dict:
-    """A checkpoint train.py wrote, or a ConfigError naming `flag` and what is wrong with the file."""
+    """A checkpoint train.py wrote, its saved config completed with the model keys it predates
+    (MODEL_KEYS_ADDED), or a ConfigError naming `flag` and what is wrong with the file."""
     if not path.is_file():
         raise ConfigError(f"{flag} {path}: no such checkpoint file")
     try:  # mmap: reading the config does not load a GB of weights
@@ -63,6 +68,9 @@ def read_checkpoint(path: Path, flag: str = "--resume") -> dict:
     if missing:
         raise ConfigError(f"{flag} {path}: a torch file, but not one of train.py's checkpoints (it lacks "
                           f"{', '.join(missing)}); checkpoints are the ckpt_NNNNNN.pt files in a train.run_dir")
+    model_keys = checkpoint["config"].setdefault("model", {})
+    for key, value in MODEL_KEYS_ADDED.items():
+        model_keys.setdefault(key, value)
     return checkpoint
 
 

@@ -51,7 +51,7 @@ class OptimConfig:
     lr: float = 0.05               # hidden matrices
     weight_decay: float = 0.0      # hidden matrices
     lr_rule: str = "original"      # Muon's per-shape lr: "original" or "match_rms_adamw" (see muon.py)
-    momentum: float = 0.95         # Muon's, after [schedule] momentum warmup
+    momentum: float = 0.97         # Muon's, after [schedule] momentum warmup
     nesterov: bool = True
     ns_coefficients: str = "classic"  # Newton-Schulz: "classic" or "polar_express"
     ns_steps: int = 5
@@ -77,14 +77,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    # nanochat's schedules (its scripts/base_train.py)
     steps: int = 3200              # optimizer steps
-    warmup_steps: int = 0          # linear lr warmup from 0
-    cooldown_frac: float = 0.4     # linear lr cooldown over this last fraction of the steps ...
-    min_lr_frac: float = 0.0       # ... down to this fraction of the lr
+    warmup_steps: int = 40         # linear lr warmup
+    cooldown_frac: float = 0.65    # linear lr cooldown over this last fraction of the steps ...
+    min_lr_frac: float = 0.05      # ... down to this fraction of the lr
     momentum_start: float = 0.85   # Muon momentum goes linearly from this to optim.momentum ...
-    momentum_warmup_steps: int = 300  # ... over these steps
-    momentum_cooldown: float = -1.0   # Muon momentum at the end of the cooldown, linearly from optim.momentum; -1 = off
-    weight_decay_cosine: bool = False  # Muon's weight decay on a cosine from optim.weight_decay to 0 over the run
+    momentum_warmup_steps: int = 400  # ... over these steps
+    momentum_cooldown: float = 0.90   # ... and linearly back down to this over the lr cooldown; -1 = held
+    weight_decay_cosine: bool = True  # Muon's weight decay on a cosine from optim.weight_decay to 0 over the run
 
 
 @dataclass
@@ -288,8 +289,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> int:
     require(o.muon_clip_tau > 0, "optim.muon_clip_tau", o.muon_clip_tau, "> 0")
     require(s.steps > 0, "schedule.steps", s.steps, "> 0")
     require(0 <= s.cooldown_frac <= 1, "schedule.cooldown_frac", s.cooldown_frac, "in [0, 1]")
-    require(0 <= s.warmup_steps <= s.steps - round(s.cooldown_frac * s.steps), "schedule.warmup_steps",
-            s.warmup_steps, "0 .. schedule.steps minus the cooldown steps (warmup and cooldown must not overlap)")
+    require(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, ">= 0")
     require(0 <= s.min_lr_frac <= 1, "schedule.min_lr_frac", s.min_lr_frac, "in [0, 1]")
     require(0 <= s.momentum_start < 1, "schedule.momentum_start", s.momentum_start, "in [0, 1)")
     require(s.momentum_warmup_steps >= 0, "schedule.momentum_warmup_steps", s.momentum_warmup_steps, ">= 0")

@@ -60,14 +60,16 @@ class GPTConfig:
     v_head_dim: int = 64
     # MHA width per head (RoPE rotates all of it)
     head_dim: int = 64
-    rope_theta: float = 10000.0
-    logit_softcap: float = 0.0     # 0: off; else logits = cap * tanh(logits / cap)
-    embed_norm: bool = False       # RMS-normalise the token embedding before the first block
+    # nanochat's small-model ideas (bench/recipe.py measures each one left out, and layer_lambdas
+    # put in: off by default because the demo trained better without it on both seeds):
+    rope_theta: float = 100000.0
+    logit_softcap: float = 15.0    # 0: off; else logits = cap * tanh(logits / cap)
+    embed_norm: bool = True        # RMS-normalise the token embedding before the first block
     layer_lambdas: bool = False    # x <- resid_lambda[i] x + x0_lambda[i] x0 before block i (x0: the first block's input)
-    smear: bool = False            # add a gated share of the previous token's embedding to each token's
-    backout: bool = False          # subtract a learned share of the middle block's output before the final norm
-    value_embeds: bool = False     # MLA: on alternating layers (the last included) add a token embedding to v, gated per head
-    init: str = "speedrun"         # "speedrun" (normal, std 0.5/sqrt(fan_in)) or "nanochat" (see GPT._init_weights)
+    smear: bool = True             # add a gated share of the previous token's embedding to each token's
+    backout: bool = True           # subtract a learned share of the middle block's output before the final norm
+    value_embeds: bool = True      # on alternating layers (the last included) add a token embedding to v, gated per head; MLA only
+    init: str = "nanochat"         # "nanochat" or "speedrun" (see GPT._init_weights)
     probe_chunk_size: int = 128    # query rows per score tile of the max-logit probe
     sdpa_backend: str = "auto"     # attention kernel: "auto" (choose_sdpa_backend), "cudnn", "flash", "efficient", "math"
 
@@ -126,12 +128,14 @@ CONFIGS = {
     # keeps wo a square 768 x 768 as in GPT-2; kv_lora_rank 256 (DeepSeek uses 4 x nope) caches
     # 256 + 32 = 288 numbers per token and layer instead of MHA's 2 x 768; q_lora_rank 0, since at
     # d=768 a low-rank query saves little and costs a norm and a matmul (DeepSeek-V2-Lite has none).
+    # The value embeddings add 6 x 50304 x 768 embedding weights (lookups, no FLOPs), as nanochat's do.
     "gpt124m-mla": GPTConfig(),
-    "gpt124m-mha": GPTConfig(attention="mha", head_dim=64),
+    "gpt124m-mha": GPTConfig(attention="mha", head_dim=64, value_embeds=False),
     # CPU tests and the demo (vocab_size stays GPT-2's here; a trainer sets it from its tokenizer).
     "tiny-mla": GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64, kv_lora_rank=32,
                           qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
-    "tiny-mha": GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64, attention="mha", head_dim=16),
+    "tiny-mha": GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=64, attention="mha", head_dim=16,
+                          value_embeds=False),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -285,9 +289,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         d, H, hd = config.n_embd, config.n_head, config.head_dim
         self.n_head, self.head_dim = H, hd
-        self.wq = nn.Linear(d, H * hd, bias=False)
-        self.wk = nn.Linear(d, H * hd, bias=False)
-        self.wv = nn.Linear(d, H * hd, bias=False)
+        self.wq, self.wk, self.wv = (nn.Linear(d, H * hd, bias=False) for _ in range(3))
         self.wo = nn.Linear(H * hd, d, bias=False)
         self.softmax_scale = hd ** -0.5
         self.probe_chunk_size = config.probe_chunk_size
@@ -380,11 +382,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self):
-        # "speedrun": hidden matrices std 0.5 / sqrt(fan_in) (the speedrun's scale, drawn normal), so
-        # a layer's output starts at half its input's RMS; Muon's updates set the scale from there.
-        # The embedding has std 1, the RMS that the pre-norm blocks normalise to anyway.
         # "nanochat": uniform with std 1 / sqrt(fan_in) (no outliers), 0.4x for the MLP's first
-        # matrix, embedding std 0.8, head std 0.001.
+        # matrix, embedding std 0.8, head std 0.001. "speedrun": std 0.5 / sqrt(fan_in), normal,
+        # so a layer's output starts at half its input's RMS, embedding std 1, head zero.
         nanochat = self.config.init == "nanochat"
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and nanochat:
@@ -395,16 +395,15 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding) and module is not self.wte:  # value embeddings, as v's weights
                 module.weight.uniform_(-math.sqrt(3 / self.config.n_embd), math.sqrt(3 / self.config.n_embd))
         self.wte.weight.normal_(std=0.8 if nanochat else 1.0)
-        for block in self.blocks:
-            if getattr(block.attn, "ve_gate", None) is not None:  # a little above neutral (3 sigmoid(0) = 1.5)
+        for block in self.blocks:  # value-embedding gates a little above neutral (3 sigmoid(0) = 1.5)
+            if getattr(block.attn, "ve_gate", None) is not None:
                 block.attn.ve_gate.weight.uniform_(0.0, 0.02)
         if self.smear_gate is not None:
             self.smear_gate.uniform_(0.0, 0.02)
-        # Zero the matrices that write into the residual stream and the head: every block starts
-        # as the identity, the initial loss is exactly ln(padded_vocab_size), and the first
-        # updates, not random init, decide what each block adds (the speedrun's choice). The cost:
-        # the first step trains only lm_head, and the weights before wo and proj get gradients
-        # from the third step on.
+        # Both zero the matrices that write into the residual stream: every block starts as the
+        # identity, and the first updates, not random init, decide what each block adds. The cost:
+        # the weights before wo and proj get gradients once those are nonzero (from the second
+        # step; the third with the "speedrun" head, which is zero at the first).
         for block in self.blocks:
             block.attn.wo.weight.zero_()
             block.mlp.proj.weight.zero_()

@@ -322,26 +322,28 @@ def build_optimizer(cfg: Config, model: GPT, device: torch.device) -> muon.Muon:
 
 
 def lr_factor(step: int, s: ScheduleConfig) -> float:
-    """The speedrun's trapezoid: linear warmup, constant, linear cooldown over the last cooldown_frac."""
-    if step < s.warmup_steps:
-        return (step + 1) / s.warmup_steps
+    """The trapezoid: linear warmup, constant, linear cooldown over the last cooldown_frac down to
+    min_lr_frac. Where warmup and cooldown overlap (a short run), the lower of the two lines."""
+    warmup = (step + 1) / s.warmup_steps if step < s.warmup_steps else 1.0
     cooldown_steps = round(s.cooldown_frac * s.steps)
     steps_left = s.steps - step  # this one included
     if steps_left > cooldown_steps:
-        return 1.0
-    return s.min_lr_frac + (1 - s.min_lr_frac) * steps_left / cooldown_steps
+        return warmup
+    return min(warmup, s.min_lr_frac + (1 - s.min_lr_frac) * steps_left / cooldown_steps)
 
 
 def muon_momentum(step: int, cfg: Config) -> float:
-    """Linear from schedule.momentum_start to optim.momentum over the momentum warmup; then, with
-    schedule.momentum_cooldown, linear to it over the lr cooldown (nanochat's 0.85 -> 0.97 -> 0.90)."""
+    """Linear from schedule.momentum_start up to optim.momentum over the momentum warmup; with
+    schedule.momentum_cooldown, also linear from optim.momentum down to it over the lr cooldown
+    (nanochat's 0.85 -> 0.97 -> 0.90). Where the two overlap (a short run), the lower of the two:
+    the momentum rises, then falls, without a jump."""
     s, peak = cfg.schedule, cfg.optim.momentum
     warmed = min(step / s.momentum_warmup_steps, 1.0) if s.momentum_warmup_steps else 1.0
     momentum = s.momentum_start + (peak - s.momentum_start) * warmed
     cooldown_steps = round(s.cooldown_frac * s.steps)
     cooled = (step - (s.steps - cooldown_steps)) / cooldown_steps if cooldown_steps else 0.0
     if s.momentum_cooldown >= 0 and cooled > 0:
-        momentum = peak + (s.momentum_cooldown - peak) * cooled
+        momentum = min(momentum, peak + (s.momentum_cooldown - peak) * cooled)
     return momentum
 
 

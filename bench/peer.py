@@ -6,8 +6,8 @@
 What a newcomer would write from nanoGPT and the PyTorch docs: learned positions, tied
 embeddings, LayerNorm, GELU MLP, standard attention; torch.optim.Muon (Nesterov,
 adjust_lr_fn="match_rms_adamw", so Muon shares AdamW's lr and weight decay) on the hidden
-matrices and torch.optim.AdamW (betas 0.9, 0.95) on the rest, a linear warmup and the same
-linear cooldown as configs/demo.toml. Its shape matches the demo's: 4 layers, d=128, 4 heads,
+matrices and torch.optim.AdamW (betas 0.9, 0.95) on the rest, 30 warmup steps and a linear
+cooldown over the last 40% (the speedrun's trapezoid). Its shape matches the demo's: 4 layers, d=128, 4 heads,
 seq 128, 32 sequences a step, the same train batches (our loader, same seed) and the same val
 tokens. Nothing here is ours but the loaders, so the comparison is recipe against recipe.
 """

@@ -49,13 +49,14 @@ def recorder(every: int, rows: list):
     def record(step, model, batches, optimizer):
         if (step + 1) % every:
             return
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}  # value embeddings
         for group in optimizer.param_groups:
             if group.get("param_names") is None or not any(n.startswith("blocks.") for n in group["param_names"]):
                 continue
             for name, p in zip(group["param_names"], group["params"]):
                 state = optimizer.state.get(p, {})
                 moment = state.get("momentum_buffer", state.get("exp_avg"))
-                if p.ndim != 2 or moment is None or not moment.any():  # gains; no gradient yet
+                if p.ndim != 2 or id(p) in embeddings or moment is None or not moment.any():  # gains; no gradient yet
                     continue
                 kind = name.split(".")[-2]  # blocks.3.attn.wkv_b.weight -> wkv_b
                 rank, top3 = runlog.spectrum(moment)

@@ -1,12 +1,14 @@
 """sample.py: a checkpoint's completions are GPT.generate's on the same weights, greedy is
 deterministic, and every bad input is one line that names it."""
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import checkpoint as checkpoint_module
 import sample
 from config import ConfigError, build_config, gpt_config
 from data.tokenizer import get_tokenizer
@@ -77,6 +79,22 @@ def truncated(path, tmp):
 def foreign(tmp):
     torch.save({"weight": torch.ones(2)}, tmp / "weights.pt")
     return tmp / "weights.pt"
+
+
+def test_a_checkpoint_from_before_the_model_options_loads_as_the_model_it_holds(checkpoint, tmp_path):
+    """A saved config without model.embed_norm, value_embeds, ... was written when they did not
+    exist: the checkpoint holds the model without them, and that is the model sample.py builds."""
+    old = torch.load(checkpoint, weights_only=True)
+    for key in checkpoint_module.MODEL_KEYS_ADDED:
+        del old["config"]["model"][key]
+    cfg = build_config(old["config"], "test", [])
+    plain = dataclasses.replace(gpt_config(cfg, 257), **checkpoint_module.MODEL_KEYS_ADDED)
+    torch.manual_seed(0)
+    old["model"] = GPT(plain).state_dict()
+    torch.save(old, tmp_path / "old.pt")
+    model, _, loaded = sample.load_model(tmp_path / "old.pt", torch.device("cpu"))
+    assert model.config == plain and not loaded.model.value_embeds and loaded.model.init == "speedrun"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in old["model"].items())
 
 
 @pytest.mark.parametrize("argv, message", [

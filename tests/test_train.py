@@ -9,7 +9,7 @@ import re
 import struct
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -488,10 +488,15 @@ def test_the_script_reports_errors_in_one_line_without_a_traceback(tiny_data, tm
 
 def test_trapezoid_schedule_and_momentum_warmup():
     s = ScheduleConfig(steps=10, warmup_steps=2, cooldown_frac=0.4, min_lr_frac=0.1,
-                             momentum_start=0.85, momentum_warmup_steps=4)
+                       momentum_start=0.85, momentum_warmup_steps=4, momentum_cooldown=-1)
     factors = [train.lr_factor(step, s) for step in range(10)]
     assert factors == pytest.approx([0.5, 1, 1, 1, 1, 1, 1.0, 0.1 + 0.9 * 3 / 4, 0.1 + 0.9 * 2 / 4, 0.1 + 0.9 / 4])
+    # a warmup that runs into the cooldown (a short run): the lower line, no jump
+    short = replace(s, warmup_steps=8)
+    assert [train.lr_factor(step, short) for step in range(10)] == pytest.approx(
+        [1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8, 0.1 + 0.9 * 3 / 4, 0.1 + 0.9 * 2 / 4, 0.1 + 0.9 / 4])
     cfg = Config(schedule=s)
+    cfg.optim.momentum = 0.95
     model = torch.nn.Linear(4, 4, bias=False)
     optimizer = torch.optim.SGD([dict(params=model.parameters(), use_muon=True, base_lr=2.0)], lr=1.0)
     moments = []
@@ -523,6 +528,13 @@ def test_momentum_cooldown_and_cosine_weight_decay():
                                      0.97 - 0.07 * 3 / 4])
     assert decays == pytest.approx([0.2 * 0.5 * (1 + math.cos(math.pi * step / 10)) for step in range(10)])
     assert optimizer.param_groups[1]["weight_decay"] == 0.01  # AdamW groups keep their own
+    # A warmup (8 steps) that runs into the cooldown (from step 6): the lower line, so no jump.
+    cfg.schedule.momentum_warmup_steps = 8
+    warmup = [0.85 + 0.12 * step / 8 for step in range(10)]
+    cooldown = [0.97 - 0.07 * max(step - 6, 0) / 4 for step in range(10)]
+    for step in range(10):
+        train.set_schedule(optimizer, cfg, step)
+        assert optimizer.param_groups[0]["momentum"] == pytest.approx(min(warmup[step], cooldown[step], 0.97))
 
 
 def test_flops_per_token_is_nanogpts_for_mha_and_uses_mla_widths():
