@@ -17,7 +17,6 @@ into data/cache/hellaswag/ and checked (item count and sha256); offline, put it 
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import urllib.request
@@ -29,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from config import ConfigError
+from data.shard import write_atomically
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"  # also tensorflow_datasets' record
@@ -85,9 +85,7 @@ def validation_items(path: Path | None = None) -> list[Item]:
             raise ConfigError(f"HellaSwag: could not download {URL} ({e}); put the file there by hand: "
                               f"{path.resolve()}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")  # ranks that fetch at once each write their own
-        temporary.write_bytes(data)
-        temporary.replace(path)
+        write_atomically(path, lambda f: f.write(data))  # ranks that fetch at once each write their own
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != SHA256:
         raise ConfigError(f"HellaSwag: {path} is not the published validation file (sha256 {digest[:12]}..., "

@@ -173,9 +173,10 @@ def first_tokens(files, count, pattern, world_size=1, batch_size=1, seq_len=1):
         if fits > 0:
             hint = f"; set data.val_tokens to at most {fits} (a multiple of {batch})"
         else:  # not even one batch: name the largest micro-batch or sequence that fits, with its val tokens
-            options = [(key, n, n * batch // (batch_size if key.startswith("train") else seq_len))
-                       for key, n in (("train.micro_batch_size", (have - 1) // (world_size * seq_len)),
-                                      ("data.seq_len", (have - 1) // (world_size * batch_size))) if n > 0]
+            most_batch, most_seq = (have - 1) // (world_size * seq_len), (have - 1) // (world_size * batch_size)
+            options = [(key, n, tokens) for key, n, tokens in
+                       (("train.micro_batch_size", most_batch, world_size * most_batch * seq_len),
+                        ("data.seq_len", most_seq, world_size * batch_size * most_seq)) if n > 0]
             hint = (f"; one validation batch needs {batch + 1} tokens: set "
                     + " or ".join(f"{key} to at most {n} (and data.val_tokens to {tokens})" for key, n, tokens in options)
                     if options else f"; one validation batch needs {batch + 1}: give the val set more text")

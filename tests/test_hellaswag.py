@@ -146,10 +146,15 @@ def test_two_ranks_score_as_one_process(tmp_path):
     assert tuple(torch.load(tmp_path / "two.pt")) == one and one[2] == 11
 
 
-def test_a_missing_file_offline_names_the_url_and_the_path(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: every download fails as it does on a machine without one."""
+    def refuse(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def test_a_missing_file_offline_names_the_url_and_the_path(tmp_path, offline):
     path = tmp_path / "cache" / "hellaswag_val.jsonl"
     with pytest.raises(ConfigError, match=rf"could not download {hellaswag.URL} .*put the file there by hand: {path}"):
         hellaswag.validation_items(path)
@@ -179,10 +184,7 @@ def test_training_scores_every_n_steps_and_at_the_end_as_the_command_scores_a_ch
     assert (acc, acc_norm, total) == (rows[-1]["eval/hellaswag_acc"], rows[-1]["eval/hellaswag_acc_norm"], 12)
 
 
-def test_training_without_the_file_offline_stops_before_any_work(tiny_data, tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+def test_training_without_the_file_offline_stops_before_any_work(tiny_data, tmp_path, monkeypatch, offline):
     monkeypatch.setattr(hellaswag, "CACHE", tmp_path / "cache" / "hellaswag_val.jsonl")
     with pytest.raises(ConfigError, match=r"log.hellaswag_every = 3: HellaSwag: could not download .*put the file "
                                           r"there by hand: .*hellaswag_val.jsonl \(or --log.hellaswag_every 0"):
